@@ -10,6 +10,9 @@ from typing import Callable
 
 from .compression_cls_attention import ClsAttentionConfig, compress_cls_attention
 from .compression_common import MethodConfig
+from .compression_gprune import GPruneConfig, compress_gprune
+from .compression_prumerge import PruMergeConfig, PruMergePlusConfig, compress_prumerge, compress_prumerge_plus
+from .compression_trsm import TrsmConfig, compress_trsm
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,10 @@ class NoCompressionConfig(MethodConfig):
 METHODS: dict[str, tuple[type[MethodConfig], Callable | None]] = {
     "none": (NoCompressionConfig, None),
     "cls_attention": (ClsAttentionConfig, compress_cls_attention),
+    "prumerge": (PruMergeConfig, compress_prumerge),
+    "prumerge_plus": (PruMergePlusConfig, compress_prumerge_plus),
+    "gprune": (GPruneConfig, compress_gprune),
+    "trsm": (TrsmConfig, compress_trsm),
 }
 
 
