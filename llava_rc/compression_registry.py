@@ -12,6 +12,7 @@ from .compression_cls_attention import ClsAttentionConfig, compress_cls_attentio
 from .compression_common import MethodConfig
 from .compression_gprune import GPruneConfig, compress_gprune
 from .compression_prumerge import PruMergeConfig, PruMergePlusConfig, compress_prumerge, compress_prumerge_plus
+from .compression_rc import RCConfig, compress_rc
 from .compression_trsm import TrsmConfig, compress_trsm
 
 
@@ -29,6 +30,7 @@ METHODS: dict[str, tuple[type[MethodConfig], Callable | None]] = {
     "prumerge_plus": (PruMergePlusConfig, compress_prumerge_plus),
     "gprune": (GPruneConfig, compress_gprune),
     "trsm": (TrsmConfig, compress_trsm),
+    "rc": (RCConfig, compress_rc),
 }
 
 

@@ -1,0 +1,249 @@
+"""Recoverable Compression against a slow loop-based reference, plus its properties (budget, batch, dtype)."""
+
+import math
+import warnings
+from fractions import Fraction
+
+import pytest
+import torch
+
+from llava_rc.compression_common import CompressionInputs, apply_plan, cls_attention, resolve_budget
+from llava_rc.compression_rc import RCConfig, compress_rc
+from llava_rc.compression_registry import parse_compression
+
+sklearn_neighbors = pytest.importorskip("sklearn.neighbors")
+
+
+def random_inputs(
+    num_images: int, num_patches: int, width: int = 32, *, seed: int = 0, tied: bool = False, dtype=torch.float32
+) -> CompressionInputs:
+    """Random inputs whose images differ in how peaky the [CLS] attention is (so the adaptive counts differ).
+
+    tied: patches come in pairs with identical keys and text scores, so attention and scores tie exactly.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_heads, head_dim = 4, 8
+    attention_width = num_heads * head_dim
+    keys = torch.randn(num_images, 1 + num_patches, attention_width, generator=generator)
+    query = torch.randn(num_images, attention_width, generator=generator)
+    for image in range(num_images):
+        # A few patches aligned with the query stand out; how many and how strongly varies per image.
+        standouts = torch.randperm(num_patches, generator=generator)[: 2 + 5 * image]
+        keys[image, 1 + standouts] += (1.0 + image) * query[image] / query[image].norm() * 4.0
+        query[image] *= 0.5 + image
+    text_scores = torch.rand(num_images, num_patches, generator=generator) * 2 - 1
+    if tied:
+        keys[:, 2::2] = keys[:, 1:-1:2]  # patch 2j + 1 copies patch 2j (keys start with [CLS])
+        text_scores[:, 1::2] = text_scores[:, 0::2]
+    return CompressionInputs(
+        features=torch.randn(num_images, num_patches, width, generator=generator).to(dtype),
+        cls_query=query.to(dtype),
+        attention_keys=keys.to(dtype),
+        num_heads=num_heads,
+        text_scores=text_scores,
+        guidance_dim=32,
+        has_text=torch.arange(num_images) % 3 != 1,  # image 1 has no question
+    )
+
+
+def sklearn_outlier_count(values: torch.Tensor, n_neighbors: int) -> int:
+    if len(values) < 2:
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        detector = sklearn_neighbors.LocalOutlierFactor(n_neighbors=n_neighbors, contamination="auto")
+        return int((detector.fit_predict(values.numpy().reshape(-1, 1)) == -1).sum())
+
+
+def dynamic_ratio(values: torch.Tensor, n_neighbors: int) -> Fraction:
+    return Fraction(sklearn_outlier_count(values, n_neighbors), max(len(values), 1))
+
+
+def reference_rc(inputs: CompressionInputs, config: RCConfig) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """The adaptive algorithm step by step, one image and one centre at a time: (sources, output vectors)."""
+    attention_all = cls_attention(inputs, per_head=False)
+    outputs = []
+    for image in range(inputs.num_images):
+        features = inputs.features[image].double()
+        attention = attention_all[image]
+        num_patches = len(attention)
+        use_text = config.guidance is not None and inputs.text_scores is not None and bool(inputs.has_text[image])
+        scores = inputs.text_scores[image].float() / math.sqrt(inputs.guidance_dim)
+
+        def by_attention(patch):
+            return (-attention[patch].item(), patch)
+
+        visual_count = math.floor(num_patches * dynamic_ratio(attention, config.lof_neighbors_visual))
+        visual = sorted(range(num_patches), key=by_attention)[:visual_count]
+        recovered = []
+        if use_text:
+            replaced = scores.clone()
+            replaced[visual] = scores.min()
+            text_ratio = dynamic_ratio(replaced, config.lof_neighbors_text)
+            recovered_count = math.floor((num_patches - visual_count) * text_ratio)
+            others = [patch for patch in range(num_patches) if patch not in visual]
+            recovered = sorted(others, key=lambda patch: (-scores[patch].item(), patch))[:recovered_count]
+        kept = sorted(visual + recovered)
+        remaining = [patch for patch in range(num_patches) if patch not in kept]
+        centre_count = math.floor(len(remaining) * dynamic_ratio(attention[remaining], config.lof_neighbors_merge))
+        centres = sorted(remaining, key=by_attention)[:centre_count]
+        absorbed = [patch for patch in remaining if patch not in centres]
+
+        sources = list(kept)
+        vectors = [features[patch] for patch in kept]
+        keys = inputs.patch_keys[image].float()
+        for centre in centres:
+            def candidate_score(patch):
+                cosine = torch.nn.functional.cosine_similarity(keys[centre], keys[patch], dim=0, eps=1e-12)
+                text = config.text_weight * scores[patch] if use_text else 0.0
+                return (-(cosine + text).item(), patch)
+
+            chosen = sorted(absorbed, key=candidate_score)[: config.merge_neighbors]
+            sources.append(centre)
+            vectors.append(features[centre] + sum(attention[patch].double() * features[patch] for patch in chosen))
+        if centre_count > 0:
+            sources.append(-1)
+            vectors.append(sum(attention[patch].double() * features[patch] for patch in absorbed))
+        outputs.append((sources, vectors))
+    return outputs
+
+
+def assert_matches_reference(inputs: CompressionInputs, config: RCConfig):
+    plan = compress_rc(inputs, config)
+    merged = apply_plan(inputs.features, plan)
+    for image, (sources, vectors) in enumerate(reference_rc(inputs, config)):
+        count = int(plan.counts[image])
+        assert plan.source_index[image, :count].tolist() == sources
+        assert (plan.source_index[image, count:] == -1).all()
+        assert (plan.merge_weights[image, count:] == 0).all()
+        torch.testing.assert_close(merged[image, :count].double(), torch.stack(vectors), rtol=1e-5, atol=1e-5)
+    return plan
+
+
+@pytest.mark.parametrize(
+    "num_images, num_patches, config, tied",
+    [
+        (1, 64, RCConfig(), False),
+        (4, 100, RCConfig(), False),
+        (3, 144, RCConfig(merge_neighbors=4, lof_neighbors_merge=5), False),
+        (2, 64, RCConfig(merge_neighbors=200), False),  # fewer candidates than merge_neighbors
+        (3, 81, RCConfig(guidance=None), False),
+        (3, 64, RCConfig(text_weight=0.0, lof_neighbors_visual=10), True),  # exact ties: lower index first
+        (2, 576, RCConfig(), False),
+    ],
+)
+def test_matches_loop_reference(num_images, num_patches, config, tied):
+    inputs = random_inputs(num_images, num_patches, width=16 if num_patches > 200 else 32, seed=num_patches, tied=tied)
+    plan = assert_matches_reference(inputs, config)
+    if num_images > 2 and config.guidance is not None:
+        assert len(set(plan.counts.tolist())) > 1, "the test should cover images with different counts"
+
+
+def test_batch_invariance_and_determinism():
+    inputs = random_inputs(4, 100, seed=3)
+    config = RCConfig()
+    plan = compress_rc(inputs, config)
+    again = compress_rc(inputs, config)
+    assert torch.equal(plan.source_index, again.source_index) and torch.equal(plan.merge_weights, again.merge_weights)
+    for image in range(4):
+        single = CompressionInputs(
+            features=inputs.features[image : image + 1],
+            cls_query=inputs.cls_query[image : image + 1],
+            attention_keys=inputs.attention_keys[image : image + 1],
+            num_heads=inputs.num_heads,
+            text_scores=inputs.text_scores[image : image + 1],
+            guidance_dim=inputs.guidance_dim,
+            has_text=inputs.has_text[image : image + 1],
+        )
+        alone = compress_rc(single, config)
+        count = int(plan.counts[image])
+        assert alone.counts.tolist() == [count]
+        assert torch.equal(alone.source_index[0], plan.source_index[image, :count])
+        assert torch.equal(alone.merge_weights[0], plan.merge_weights[image, :count])
+
+
+@pytest.mark.parametrize("budget", [None, 40, 0.3])
+def test_every_patch_is_accounted_for(budget):
+    """Each patch is kept, a centre, absorbed by a centre or in the extra token; in the adaptive plan the
+    remaining patches are dropped only when there is no centre (then the extra token is dropped too)."""
+    inputs = random_inputs(4, 144, seed=5)
+    plan = compress_rc(inputs, RCConfig(budget=budget))
+    covered = plan.absorbed_for(inputs.num_patches).any(dim=1)  # (I, N)
+    for image in range(inputs.num_images):
+        count = int(plan.counts[image])
+        sources = plan.source_index[image, :count]
+        if (sources == -1).any():  # an extra token: everything is covered
+            assert sources[-1] == -1 and (sources[:-1] >= 0).all()
+            assert covered[image].all()
+        else:  # no centre, no extra token: only the kept patches survive
+            assert budget is None
+            assert covered[image].sum() == count
+        rows = (sources >= 0).nonzero().squeeze(-1)
+        own = plan.merge_weights[image, rows, sources[rows]]
+        assert (own == 1).all()  # kept and centre rows weigh their own patch by 1
+
+
+def test_no_text_path():
+    inputs = random_inputs(3, 100, seed=7)
+    vision_only = compress_rc(inputs, RCConfig(guidance=None))
+    inputs.has_text = torch.zeros(3, dtype=torch.bool)
+    without_question = compress_rc(inputs, RCConfig())
+    assert torch.equal(vision_only.source_index, without_question.source_index)
+    assert torch.equal(vision_only.merge_weights, without_question.merge_weights)
+    inputs.text_scores = None
+    assert torch.equal(compress_rc(inputs, RCConfig()).source_index, vision_only.source_index)
+
+
+@pytest.mark.parametrize("num_patches", [576, 144, 64])
+def test_fixed_budget_gives_the_exact_count(num_patches):
+    inputs = random_inputs(2, num_patches, width=16, seed=num_patches)
+    for budget in [1, 2, 3, 16, 64, 0.1, 0.25, 0.5, num_patches - 1, 1.0, 10_000]:
+        plan = compress_rc(inputs, RCConfig(budget=budget))
+        expected = resolve_budget(budget, num_patches)
+        assert plan.counts.tolist() == [expected, expected], budget
+        assert plan.source_index.shape == (2, expected) and plan.merge_weights.shape == (2, expected, num_patches)
+        if expected == num_patches:  # everything kept, nothing merged
+            assert torch.equal(plan.source_index, torch.arange(num_patches).expand(2, -1))
+
+
+def test_bfloat16_inputs():
+    inputs = random_inputs(2, 64, seed=11, dtype=torch.bfloat16)
+    plan = compress_rc(inputs, RCConfig())
+    assert plan.merge_weights.dtype == torch.float32
+    assert apply_plan(inputs.features, plan).dtype == torch.bfloat16
+    upcast = CompressionInputs(
+        features=inputs.features.float(),
+        cls_query=inputs.cls_query.float(),
+        attention_keys=inputs.attention_keys.float(),
+        num_heads=inputs.num_heads,
+        text_scores=inputs.text_scores,
+        guidance_dim=inputs.guidance_dim,
+        has_text=inputs.has_text,
+    )
+    assert torch.equal(plan.source_index, compress_rc(upcast, RCConfig()).source_index)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"guidance": "bert"},
+        {"lof_neighbors_visual": 0},
+        {"lof_neighbors_text": 2.5},
+        {"lof_neighbors_merge": True},
+        {"merge_neighbors": -1},
+        {"text_weight": -1.0},
+        {"cls_attention_layer": "last"},
+        {"budget": 0},
+        {"budget": 1.5},
+        {"budget": True},
+    ],
+)
+def test_invalid_config_raises(settings):
+    with pytest.raises(ValueError):
+        RCConfig(**settings)
+
+
+def test_registered():
+    config = parse_compression({"method": "rc", "guidance": None, "budget": 64})
+    assert isinstance(config, RCConfig) and config.budget == 64 and config.guidance_source is None
+    assert RCConfig().to_dict()["method"] == "rc"
