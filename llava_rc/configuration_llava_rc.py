@@ -4,7 +4,7 @@ from transformers import LlavaConfig
 
 from .compression_registry import parse_compression
 
-DEFAULT_COMPRESSION = {"method": "none"}
+DEFAULT_COMPRESSION = {"method": "rc"}
 
 
 class LlavaRCConfig(LlavaConfig):
@@ -12,7 +12,8 @@ class LlavaRCConfig(LlavaConfig):
 
     compression (`dict`, *optional*):
         Plain-JSON settings ``{"method": <name>, <method parameters>}``, validated on construction against the
-        method registry (see ``llava_rc.compression_registry.METHODS``). ``{"method": "none"}`` is the identity.
+        method registry (see ``llava_rc.compression_registry.METHODS``). Defaults to Recoverable Compression
+        (``{"method": "rc"}``, adaptive count, ``"llm"`` guidance); ``{"method": "none"}`` is the identity.
     All other arguments are those of [`LlavaConfig`].
     """
 

@@ -65,7 +65,11 @@ def test_per_call_none_matches_stock_and_leaves_config_alone():
     assert compressed.compression.kept_counts.tolist() == [4, 4]
 
 
-@pytest.mark.parametrize("compression", [{"method": "cls_attention", "budget": 5}, "above_mean"])
+@pytest.mark.parametrize(
+    "compression",
+    [{"method": "cls_attention", "budget": 5}, "above_mean", None, {"method": "rc", "guidance": None}],
+    ids=["cls_attention", "above_mean", "default_rc_llm_guidance", "rc_vision_only"],
+)
 def test_batch_equals_each_sample_alone(compression, above_mean_method):
     compression = above_mean_method if compression == "above_mean" else compression
     model = tiny_rc_model(compression)
@@ -84,6 +88,10 @@ def test_batch_equals_each_sample_alone(compression, above_mean_method):
         if num_images:
             assert torch.equal(alone.compression.kept_counts, counts[first : first + num_images])
         first += num_images
+
+
+def test_rc_is_the_default():
+    assert tiny_rc_model().config.compression["method"] == "rc"
 
 
 def test_dynamic_counts_differ_per_image(above_mean_method):
