@@ -1,0 +1,206 @@
+"""The cost of the RC step against the vision tower, and against the released code's cost structure.
+
+At LLaVA-1.5 geometry (CLIP ViT-L/14-336: 24 layers, 1024 wide, 577 tokens; random weights, timing needs none):
+- ``vision``: the vision tower forward (hidden states kept), as LLaVA runs it;
+- ``rc_step``: everything our RC adds after it: [CLS] q/k recomputed from the stored hidden states, the text
+  scores ("llm" guidance: projector + cosine), ``compress_rc`` (torch LOF, vectorised merge) and ``apply_plan``;
+- ``released``: the released code's structure re-created: a second vision forward (for the CLIP projection),
+  sklearn LOF on the CPU for each stage, and a Python loop over centres with a top-k per centre.
+Runs alternate, after a warm-up; medians are reported, and ratios come from the same run. Writes JSON (versions,
+hardware, settings) to ``benchmarks/results/`` and, with ``--update-readme``, the README table between markers.
+
+    python benchmarks/rc_step.py --batch-sizes 1 2 --repeats 3 --update-readme
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from sklearn.neighbors import LocalOutlierFactor
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from llava_rc.compression_common import CompressionInputs, apply_plan, cls_attention
+from llava_rc.compression_rc import RCConfig, compress_rc
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURE_LAYER = -2
+TEXT_WIDTH = 4096  # the 7B language model's width: the projector's output
+
+
+def clip_vit_l_336() -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=336, patch_size=14, projection_dim=768,
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rc_step(tower, projector, hidden_states, question, settings: RCConfig):
+    """Our RC step after the vision forward; returns the compressed (pre-projector) tokens."""
+    layer = tower.encoder.layers[FEATURE_LAYER % (len(tower.encoder.layers) + 1)]
+    features = hidden_states[FEATURE_LAYER][:, 1:]  # (I, N, C)
+    normed = layer.layer_norm1(hidden_states[FEATURE_LAYER])  # (I, 1 + N, C)
+    projected = projector(features)  # (I, N, D)
+    scores = torch.nn.functional.cosine_similarity(projected.float(), question.unsqueeze(1), dim=-1)  # (I, N)
+    side = int(features.shape[1] ** 0.5)
+    inputs = CompressionInputs(
+        features=features, cls_query=layer.self_attn.q_proj(normed[:, 0]), attention_keys=layer.self_attn.k_proj(normed),
+        num_heads=layer.self_attn.num_heads, text_scores=scores, guidance_dim=projected.shape[-1],
+        has_text=torch.ones(features.shape[0], dtype=torch.bool, device=features.device), grid=(side, side),
+    )
+    return apply_plan(features, compress_rc(inputs, settings))
+
+
+def sklearn_ratio(values: np.ndarray, neighbors: int) -> float:
+    if len(values) < 2:
+        return 0.0
+    lof = LocalOutlierFactor(n_neighbors=min(neighbors, len(values) - 1), contamination="auto")
+    return float((lof.fit_predict(values.reshape(-1, 1)) == -1).mean())
+
+
+def released_structure(tower, pixel_values, hidden_states, question, settings: RCConfig):
+    """The released code's costs: a second vision forward, CPU sklearn LOF per stage, a loop over centres."""
+    second = tower(pixel_values, output_hidden_states=True)  # the second encoder pass of the released code
+    final_patches = second.last_hidden_state[:, 1:]
+    layer = tower.encoder.layers[-1]
+    outputs = []
+    for image in range(pixel_values.shape[0]):  # batch size 1 only in the released code: loop over images
+        normed = layer.layer_norm1(hidden_states[FEATURE_LAYER][image : image + 1])
+        inputs = CompressionInputs(
+            features=normed, cls_query=layer.self_attn.q_proj(normed[:, 0]), attention_keys=layer.self_attn.k_proj(normed),
+            num_heads=layer.self_attn.num_heads,
+        )
+        attention = cls_attention(inputs, per_head=False)[0]
+        keys = inputs.patch_keys[0]
+        features = hidden_states[FEATURE_LAYER][image, 1:]
+        num_patches = attention.shape[0]
+        attention_host = attention.cpu().numpy()
+        n_visual = int(num_patches * sklearn_ratio(attention_host, settings.lof_neighbors_visual))
+        kept = np.argsort(-attention_host)[:n_visual]
+        # Stand-in for CLIP text embedding vs visual projection: same cost order (one cosine per patch).
+        clip_question = question[image, : final_patches.shape[-1]].to(final_patches.dtype)
+        scores = torch.nn.functional.cosine_similarity(final_patches[image], clip_question.unsqueeze(0), dim=-1)
+        scores_host = scores.cpu().numpy().copy()
+        scores_host[kept] = scores_host.min()
+        n_text = int((num_patches - n_visual) * sklearn_ratio(scores_host, settings.lof_neighbors_text))
+        recovered = np.argsort(-scores_host)[:n_text]
+        remaining = np.setdiff1d(np.arange(num_patches), np.concatenate([kept, recovered]))
+        n_centres = int(len(remaining) * sklearn_ratio(attention_host[remaining], settings.lof_neighbors_merge))
+        centres = remaining[np.argsort(-attention_host[remaining])[:n_centres]]
+        others = np.setdiff1d(remaining, centres)
+        merged = []
+        for centre in centres:  # one top-k per centre, as released
+            similarity = torch.nn.functional.cosine_similarity(keys[centre].unsqueeze(0), keys[others], dim=-1)
+            picked = torch.topk(similarity + settings.text_weight * scores[others], min(settings.merge_neighbors, len(others))).indices
+            members = torch.as_tensor(others)[picked]
+            merged.append(features[centre] + (attention[members].unsqueeze(-1) * features[members]).sum(0))
+        outputs.append(torch.stack([features[i] for i in np.sort(np.concatenate([kept, recovered]))] + merged))
+    return outputs
+
+
+def timed(function, device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="RC step cost vs the vision tower and vs the released structure")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (GPU default)")
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(clip_vit_l_336()).to(device, dtype).eval()
+    projector = torch.nn.Sequential(
+        torch.nn.Linear(1024, TEXT_WIDTH), torch.nn.GELU(), torch.nn.Linear(TEXT_WIDTH, TEXT_WIDTH)
+    ).to(device, dtype)
+    settings = RCConfig()
+    rows = []
+    with torch.no_grad():
+        for batch_size in args.batch_sizes:
+            pixel_values = torch.randn(batch_size, 3, 336, 336, device=device, dtype=dtype)
+            question = torch.randn(batch_size, TEXT_WIDTH, device=device)
+            hidden_states = tower(pixel_values, output_hidden_states=True).hidden_states
+            stages = {
+                "vision": lambda: tower(pixel_values, output_hidden_states=True),
+                "rc_step": lambda: rc_step(tower, projector, hidden_states, question, settings),
+                "released": lambda: released_structure(tower, pixel_values, hidden_states, question, settings),
+            }
+            for function in stages.values():  # warm-up
+                function()
+            samples = {name: [] for name in stages}
+            for _ in range(args.repeats):  # alternate the stages so drift hits them alike
+                for name, function in stages.items():
+                    samples[name] += timed(function, device, 1)
+            medians = {name: statistics.median(values) for name, values in samples.items()}
+            rows.append({
+                "batch_size": batch_size,
+                "median_seconds": medians,
+                "rc_step_share_of_vision": medians["rc_step"] / medians["vision"],
+                "released_over_rc_step": medians["released"] / medians["rc_step"],
+            })
+            print(json.dumps(rows[-1]))
+    result = {
+        "benchmark": "rc_step",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "geometry": "CLIP ViT-L/14-336 (24 layers, 1024 wide, 577 tokens), projector 1024->4096, random weights",
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"rc_step_{device.type}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    if args.update_readme:
+        update_readme(result)
+
+
+def update_readme(result: dict) -> None:
+    """Regenerate the README table between the rc_step markers from a result."""
+    lines = [
+        f"RC step at LLaVA-1.5 geometry on {result['device']}, {result['dtype']}, torch {result['torch']}, "
+        f"transformers {result['transformers']} (`benchmarks/results/rc_step_*.json`):",
+        "",
+        "| batch | vision tower (ms) | RC step (ms) | RC step / vision | released structure (ms) | released / ours |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        seconds = row["median_seconds"]
+        lines.append(
+            f"| {row['batch_size']} | {seconds['vision'] * 1000:.0f} | {seconds['rc_step'] * 1000:.1f} | "
+            f"{row['rc_step_share_of_vision']:.1%} | {seconds['released'] * 1000:.0f} | {row['released_over_rc_step']:.1f}x |"
+        )
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- rc_step:begin -->", "<!-- rc_step:end -->"
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    readme.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+
+
+if __name__ == "__main__":
+    main()
