@@ -1,0 +1,380 @@
+"""Convert a stock LLaVA checkpoint into a LLaVA-RC Hub repo (remote code), verify it, then save and/or push it.
+
+Console script ``llava-rc-upload`` (also ``python -m llava_rc.hub_upload``)::
+
+    llava-rc-upload --base llava-hf/llava-1.5-7b-hf --method cls_attention --set budget=64 \\
+        --output-dir ./llava-1.5-7b-rc --repo-id my-org/llava-1.5-7b-rc
+
+Every cheap check (arguments, compression settings, base config, output dir, credentials) runs before any weights
+are loaded. The repo is written to a temporary directory next to the destination and loaded back in a fresh
+interpreter where ``llava_rc`` cannot be imported; only if that succeeds is it moved into place and/or pushed.
+
+This is a command-line tool, not model code: no model file imports it, so it is not copied into Hub repos.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import huggingface_hub
+import torch
+from huggingface_hub import HfApi, ModelCard
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+from . import LlavaRCConfig, LlavaRCForConditionalGeneration, parse_compression
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+UPLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.md", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+REQUIRED_CODE_FILES = ("configuration_llava_rc.py", "modeling_llava_rc.py")
+VERIFY_MAX_NEW_TOKENS = 8
+# Used for the "compression on" check when the repo's own setting is "none".
+VERIFY_COMPRESSION_ON = {"method": "cls_attention", "budget": 0.5}
+TOTAL_STEPS = 5
+
+RC_CITATION = """@article{chen2024recoverable,
+  title   = {Recoverable Compression: A Multimodal Vision Token Recovery Mechanism Guided by Text Information},
+  author  = {Chen, Yi and Xu, Jian and Zhang, Xu-Yao and Liu, Wen-Zhuo and Liu, Yang-Yang and Liu, Cheng-Lin},
+  journal = {arXiv preprint arXiv:2409.01179},
+  year    = {2024}
+}"""
+
+# Runs in a fresh interpreter, from an empty folder, with llava_rc blocked: only the repo's copied code can load.
+VERIFY_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockLlavaRC(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "llava_rc" or name.startswith("llava_rc."):
+                raise ImportError(f"{name} is blocked in this process")
+
+    sys.meta_path.insert(0, BlockLlavaRC())
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    repo, reference_path = sys.argv[1], sys.argv[2]
+    reference = torch.load(reference_path)
+    model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, dtype=reference["dtype"]).eval()
+    processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+    image = Image.fromarray(reference["image"].numpy())
+    inputs = processor(images=image, text=reference["prompt"], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    settings = dict(max_new_tokens=reference["max_new_tokens"], do_sample=False)
+    with torch.no_grad():
+        off = model.generate(**inputs, compression={"method": "none"}, **settings)
+        on_settings = model.config.compression if model.config.compression["method"] != "none" else reference["on"]
+        on = model.generate(**inputs, compression=on_settings, **settings)
+    print(json.dumps({
+        "model_type": model.config.model_type,
+        "module": type(model).__module__,
+        "inputs_equal": torch.equal(inputs["input_ids"], reference["input_ids"]),
+        "off_equal": torch.equal(off, reference["sequences"]),
+        "on_new_tokens": on.shape[1] - inputs["input_ids"].shape[1],
+    }))
+    """
+)
+
+
+def log(step: int, message: str) -> None:
+    print(f"[{step}/{TOTAL_STEPS}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_value(text: str):
+    """JSON when it parses (``64`` -> int, ``0.1`` -> float, ``true`` -> bool), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-rc-upload",
+        description="Turn a stock LLaVA checkpoint into a LLaVA-RC repo (trust_remote_code), verify it, save/push it.",
+    )
+    parser.add_argument("--base", required=True, help="llava-hf repo id or local directory of a stock LLaVA model")
+    parser.add_argument(
+        "--method",
+        default=LlavaRCConfig().compression["method"],
+        help="compression method (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a compression setting, repeatable; VALUE is parsed as JSON when possible (budget=64, budget=0.1)",
+    )
+    parser.add_argument("--output-dir", type=Path, help="write the verified repo here")
+    parser.add_argument("--repo-id", help="push the verified repo to this Hub repo (ORG/NAME)")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    parser.add_argument("--revision", help="branch to push to (default: the repo's default branch)")
+    parser.add_argument("--commit-message", help="commit message of the push")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --output-dir")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="dtype of the saved weights")
+    return parser
+
+
+def parse_settings(parser: argparse.ArgumentParser, method: str, items: list[str]) -> dict:
+    compression = {"method": method}
+    for item in items:
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        compression[key.strip()] = parse_value(value)
+    try:
+        return parse_compression(compression).to_dict()
+    except (ValueError, TypeError) as error:
+        parser.error(f"invalid compression settings {compression}: {error}")
+
+
+def check_base_config(base: str):
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except Exception as error:  # noqa: BLE001 - any failure here means the base cannot be used
+        raise SystemExit(f"cannot read the config of --base {base!r}: {error}") from error
+    if config.model_type != "llava":
+        raise SystemExit(
+            f"--base {base!r} has model_type {config.model_type!r}; expected a stock LLaVA checkpoint ('llava')"
+        )
+    return config
+
+
+def base_license(base: str) -> str:
+    """The license in the base model's card metadata, or "other" when it is not known."""
+    try:
+        local = Path(base)
+        card = ModelCard.load(local / "README.md" if local.is_dir() else base)
+        license_name = card.data.license
+    except Exception:  # noqa: BLE001 - no card, no network, bad YAML: all mean "unknown"
+        return "other"
+    return license_name if isinstance(license_name, str) and license_name else "other"
+
+
+def model_card(base: str, compression: dict, license_name: str, repo_name: str) -> str:
+    method = compression["method"]
+    settings = ", ".join(f"`{key}={value!r}`" for key, value in compression.items() if key != "method")
+    if method == "none":
+        description = "Compression is off (`method: none`): the model behaves exactly like the base model."
+    else:
+        description = (
+            f"Each image's visual tokens are compressed with `{method}`"
+            + (f" ({settings})" if settings else "")
+            + " before the language model reads them."
+        )
+    metadata = {
+        "base_model": base,
+        "pipeline_tag": "image-text-to-text",
+        "library_name": "transformers",
+        "license": license_name,
+        "tags": ["llava", "llava-rc", "visual-token-compression", "custom_code"],
+    }
+    base_link = f"`{base}`" if Path(base).is_dir() else f"[{base}](https://huggingface.co/{base})"
+    yaml = "\n".join(
+        f"{key}:\n" + "\n".join(f"- {item}" for item in value) if isinstance(value, list) else f"{key}: {value}"
+        for key, value in metadata.items()
+    )
+    return f"""---
+{yaml}
+---
+
+# {repo_name}
+
+{base_link} with training-free visual-token compression (LLaVA-RC). The weights are
+the base model's, unchanged; `generate()` compresses the visual tokens of every image before the language model
+reads them.
+
+## Compression
+
+{description}
+
+```json
+{json.dumps(compression, indent=2)}
+```
+
+Override per call with `model.generate(..., compression={{"method": "none"}})`.
+
+## Usage
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+repo = "{repo_name}"
+model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+
+inputs = processor(images=image, text="USER: <image>\\nWhat is shown? ASSISTANT:", return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=30)
+print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+## Citation
+
+Recoverable Compression (arXiv 2409.01179):
+
+```bibtex
+{RC_CITATION}
+```
+
+Base model: {base_link}; please also cite the work in its model card.
+"""
+
+
+def load_and_convert(base: str, dtype, compression: dict):
+    """The stock model (it maps old key layouts), and the RC subclass holding exactly its weights."""
+    stock = LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype).eval()
+    config_dict = {key: value for key, value in stock.config.to_dict().items() if key != "model_type"}
+    config = LlavaRCConfig(**config_dict, compression=compression)
+    # Built on the meta device and filled by assignment: no second random initialisation of a multi-GB model.
+    with torch.device("meta"):
+        model = LlavaRCForConditionalGeneration(config)
+    model.load_state_dict(stock.state_dict(), strict=True, assign=True)
+    for name, buffer in stock.named_buffers():  # non-persistent buffers are not in the state dict
+        module_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf, buffer)
+    model.tie_weights()
+    model.generation_config = stock.generation_config
+    return stock.eval(), model.eval()
+
+
+def write_repo(directory: Path, model, processor, card: str) -> None:
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    (directory / "README.md").write_text(card)
+    config = json.loads((directory / "config.json").read_text())
+    missing = [name for name in REQUIRED_CODE_FILES if not (directory / name).is_file()]
+    if "auto_map" not in config or missing:
+        raise SystemExit(f"the written repo lacks auto_map or code files {missing}: llava_rc registration failed")
+
+
+def verify_repo(directory: Path, stock, processor, compression: dict) -> None:
+    """Load ``directory`` through remote code in a fresh interpreter and compare with the stock model's output."""
+    image_token = processor.image_token
+    prompt = f"USER: {image_token}\nWhat is shown? ASSISTANT:"
+    pixels = synthetic_pixels(processor)  # (H, W, 3) uint8
+    inputs = processor(images=Image.fromarray(pixels.numpy()), text=prompt, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(stock.dtype)
+    with torch.no_grad():
+        sequences = stock.generate(**inputs, max_new_tokens=VERIFY_MAX_NEW_TOKENS, do_sample=False)
+    with tempfile.TemporaryDirectory(prefix="llava-rc-verify-") as scratch_name:
+        scratch = Path(scratch_name)
+        torch.save(
+            {
+                "image": pixels,
+                "prompt": prompt,
+                "input_ids": inputs["input_ids"],
+                "sequences": sequences,
+                "dtype": str(stock.dtype).removeprefix("torch."),
+                "max_new_tokens": VERIFY_MAX_NEW_TOKENS,
+                "on": VERIFY_COMPRESSION_ON,
+            },
+            scratch / "reference.pt",
+        )
+        (scratch / "verify.py").write_text(VERIFY_SCRIPT)
+        environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(scratch / "modules"))
+        result = subprocess.run(
+            [sys.executable, "-P", str(scratch / "verify.py"), str(directory), str(scratch / "reference.pt")],
+            cwd=scratch,
+            env=environment,
+            capture_output=True,
+            text=True,
+        )
+    if result.returncode != 0:
+        raise SystemExit(
+            f"verification failed: the written repo does not load through remote code:\n{result.stderr[-4000:]}"
+        )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    problems = []
+    if report["model_type"] != "llava_rc" or not report["module"].startswith("transformers_modules"):
+        problems.append(f"loaded {report['model_type']!r} from {report['module']!r}, expected remote-code llava_rc")
+    if not report["inputs_equal"]:
+        problems.append("the saved processor tokenises the test prompt differently from the base processor")
+    if not report["off_equal"]:
+        problems.append("greedy output with compression 'none' differs from the base model's")
+    if report["on_new_tokens"] <= 0:
+        problems.append("generation with compression on produced no tokens")
+    if problems:
+        raise SystemExit("verification failed: " + "; ".join(problems))
+
+
+def synthetic_pixels(processor) -> torch.Tensor:
+    """A small deterministic RGB gradient (H, W, 3) uint8 at the image processor's crop size (64 px if none)."""
+    size = getattr(processor.image_processor, "crop_size", None) or {}
+    height, width = size.get("height", 64), size.get("width", 64)
+    rows = (torch.arange(height) * 255 // max(height - 1, 1)).view(height, 1).expand(height, width)  # (H, W)
+    cols = (torch.arange(width) * 255 // max(width - 1, 1)).view(1, width).expand(height, width)  # (H, W)
+    return torch.stack([rows, cols, (rows + cols) // 2], dim=-1).to(torch.uint8)  # (H, W, 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.output_dir is None and args.repo_id is None:
+        parser.error("nothing to do: give --output-dir, --repo-id, or both")
+    compression = parse_settings(parser, args.method, args.settings)
+    destination = args.output_dir.resolve() if args.output_dir is not None else None
+    if destination is not None and destination.exists():
+        if not destination.is_dir():
+            parser.error(f"--output-dir {str(destination)!r} exists and is not a directory")
+        if any(destination.iterdir()) and not args.force:
+            parser.error(f"--output-dir {str(destination)!r} is not empty; pass --force to replace it")
+    if args.repo_id is not None and huggingface_hub.get_token() is None:
+        raise SystemExit(f"--repo-id {args.repo_id!r} needs Hub credentials: run `hf auth login` or set HF_TOKEN")
+    check_base_config(args.base)
+
+    log(1, f"loading base {args.base} (dtype {args.dtype}) ...")
+    dtype = DTYPES[args.dtype]
+    processor = AutoProcessor.from_pretrained(args.base)
+    stock, model = load_and_convert(args.base, dtype, compression)
+
+    log(2, f"built LlavaRCForConditionalGeneration with compression {compression}")
+    parent = destination.parent if destination is not None else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".llava-rc-upload-", dir=parent))
+    try:
+        repo_name = args.repo_id or (destination.name if destination is not None else "llava-rc")
+        log(3, f"writing repo to {staging} ...")
+        write_repo(staging, model, processor, model_card(args.base, compression, base_license(args.base), repo_name))
+        del model
+
+        log(4, "verifying the repo in a fresh process through remote code ...")
+        verify_repo(staging, stock, processor, compression)
+
+        folder = staging
+        if destination is not None:
+            log(5, f"moving into {destination}")
+            if destination.exists() and any(destination.iterdir()):
+                shutil.rmtree(destination)  # only reached with --force
+            os.replace(staging, destination)
+            folder = destination
+        if args.repo_id is not None:
+            log(5, f"pushing to {args.repo_id} ...")
+            api = HfApi()
+            api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+            api.upload_folder(
+                repo_id=args.repo_id,
+                folder_path=str(folder),
+                revision=args.revision,
+                commit_message=args.commit_message or f"Upload LLaVA-RC ({compression['method']}) from {args.base}",
+                allow_patterns=UPLOAD_PATTERNS,
+            )
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    print(f"done: {destination or args.repo_id}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

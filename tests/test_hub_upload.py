@@ -1,0 +1,268 @@
+"""llava-rc-upload: stock LLaVA checkpoints (current and pre-4.52 key layouts) become verified remote-code repos.
+
+No network exists here: pushing is tested by replacing ``HfApi`` at the module boundary
+(``llava_rc.hub_upload.HfApi``) with a recording fake, and credentials by replacing ``huggingface_hub.get_token``.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import llava_rc.hub_upload as hub_upload
+from tiny import PAD_TOKEN_ID, make_batch, tiny_config_dict, tiny_processor
+
+# Current (in-memory) key prefixes -> the pre-4.52 llava layout.
+OLD_LAYOUT = [
+    ("lm_head.", "language_model.lm_head."),
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+]
+
+CHECKER = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockLlavaRC(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "llava_rc" or name.startswith("llava_rc."):
+                raise ImportError(f"{name} is blocked in this process")
+
+    sys.meta_path.insert(0, BlockLlavaRC())
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    reports = []
+    for repo, reference_path in zip(sys.argv[1::2], sys.argv[2::2]):
+        reference = torch.load(reference_path)
+        model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).eval()
+        out = model.generate(**reference["batch"], compression={"method": "none"}, max_new_tokens=5, do_sample=False,
+                             pad_token_id=reference["pad_token_id"])
+        reports.append({
+            "model_type": model.config.model_type,
+            "auto_map": model.config.auto_map,
+            "compression": model.config.compression,
+            "module": type(model).__module__,
+            "lm_head_equal": torch.equal(model.lm_head.weight, reference["lm_head"]),
+            "sequences_equal": torch.equal(out, reference["sequences"]),
+        })
+    print(json.dumps(reports))
+    """
+)
+
+
+class FakeHfApi:
+    """Records the calls the tool makes on the Hub client."""
+
+    calls: list = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        kwargs["files"] = sorted(path.name for path in Path(kwargs["folder_path"]).iterdir())
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+
+def save_base(directory: Path, old_layout: bool) -> LlavaForConditionalGeneration:
+    """A tiny stock LLaVA checkpoint + processor; the old layout rewrites the current-layout safetensors."""
+    torch.manual_seed(1)
+    model = LlavaForConditionalGeneration(LlavaConfig(**tiny_config_dict())).eval()
+    model.save_pretrained(directory, save_original_format=False)
+    tiny_processor().save_pretrained(directory)
+    weights_path = directory / "model.safetensors"
+    weights = load_file(weights_path)
+    assert set(weights) == set(model.state_dict())
+    assert {key.split(".")[0] for key in weights} == {"model", "lm_head"}
+    if old_layout:
+        renamed = {}
+        for key, tensor in weights.items():
+            new_prefix, old_prefix = next(pair for pair in OLD_LAYOUT if key.startswith(pair[0]))
+            renamed[old_prefix + key.removeprefix(new_prefix)] = tensor
+        save_file(renamed, weights_path, metadata={"format": "pt"})
+        assert "language_model.lm_head.weight" in renamed
+        reloaded = LlavaForConditionalGeneration.from_pretrained(directory)
+        assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+    return model
+
+
+def reference_for(model: LlavaForConditionalGeneration, path: Path) -> Path:
+    batch = make_batch([4, 7], [1, 1], seed=5)
+    sequences = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=PAD_TOKEN_ID)
+    torch.save(
+        {
+            "batch": batch,
+            "sequences": sequences,
+            "lm_head": model.lm_head.weight.detach(),
+            "pad_token_id": PAD_TOKEN_ID,
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Both layouts through main(): the current layout saved locally, the old one saved and pushed (fake client)."""
+    root = tmp_path_factory.mktemp("upload")
+    new_base, old_base = root / "base_new", root / "base_old"
+    new_model = save_base(new_base, old_layout=False)
+    old_model = save_base(old_base, old_layout=True)
+    (old_base / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    FakeHfApi.calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hub_upload, "HfApi", FakeHfApi)
+        patch.setattr(hub_upload.huggingface_hub, "get_token", lambda: "hf_fake")
+        new_argv = ["--base", str(new_base), "--method", "none", "--output-dir", str(root / "out_new")]
+        assert hub_upload.main(new_argv) == 0
+        assert hub_upload.main([
+            "--base", str(old_base), "--method", "cls_attention", "--set", "budget=5",
+            "--output-dir", str(root / "out_old"), "--repo-id", "org/tiny-rc", "--private", "--revision", "dev",
+        ]) == 0
+    return {
+        "root": root,
+        "new": (root / "out_new", reference_for(new_model, root / "new.pt")),
+        "old": (root / "out_old", reference_for(old_model, root / "old.pt")),
+        "calls": list(FakeHfApi.calls),
+    }
+
+
+def test_converted_repos_load_through_remote_code_and_match_stock(converted):
+    script = converted["root"] / "check.py"
+    script.write_text(CHECKER)
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(converted["root"] / "modules"))
+    arguments = [str(item) for name in ("new", "old") for item in converted[name]]
+    result = subprocess.run(
+        [sys.executable, "-P", str(script), *arguments],
+        cwd=converted["root"], env=environment, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    new, old = json.loads(result.stdout.strip().splitlines()[-1])
+    for report in (new, old):
+        assert report["model_type"] == "llava_rc"
+        assert report["auto_map"]["AutoModelForImageTextToText"] == "modeling_llava_rc.LlavaRCForConditionalGeneration"
+        assert report["module"].startswith("transformers_modules")
+        assert report["lm_head_equal"], "lm_head was re-initialised"
+        assert report["sequences_equal"]
+    assert new["compression"] == {"method": "none"}
+    assert old["compression"]["method"] == "cls_attention" and old["compression"]["budget"] == 5
+
+
+def test_written_repo_files_and_model_card(converted):
+    directory = converted["old"][0]
+    names = {path.name for path in directory.iterdir()}
+    assert {"config.json", "model.safetensors", "configuration_llava_rc.py", "modeling_llava_rc.py",
+            "processor_config.json", "tokenizer.json", "README.md"} <= names
+    assert "hub_upload.py" not in names
+    card = (directory / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "library_name: transformers" in card
+    assert "license: mit" in card and "2409.01179" in card and "trust_remote_code=True" in card
+    assert "license: other" in (converted["new"][0] / "README.md").read_text()
+    assert not [path for path in converted["root"].iterdir() if path.name.startswith(".llava-rc-upload-")]
+
+
+def test_push_calls_the_hub_client_with_the_verified_folder(converted):
+    (create, repo_id, create_kwargs), (upload, upload_repo_id, upload_kwargs) = converted["calls"]
+    assert (create, repo_id, upload, upload_repo_id) == ("create_repo", "org/tiny-rc", "upload_folder", "org/tiny-rc")
+    assert create_kwargs == {"private": True, "exist_ok": True}
+    assert Path(upload_kwargs["folder_path"]) == converted["old"][0].resolve()
+    assert upload_kwargs["revision"] == "dev"
+    assert upload_kwargs["allow_patterns"] == hub_upload.UPLOAD_PATTERNS
+    assert "token" not in upload_kwargs and "token" not in create_kwargs
+    assert "model.safetensors" in upload_kwargs["files"] and "modeling_llava_rc.py" in upload_kwargs["files"]
+
+
+@pytest.fixture
+def no_weights(monkeypatch, tmp_path):
+    """Bad inputs must be rejected before any weights are loaded or anything is pushed."""
+
+    class Refuse:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise AssertionError("weights were loaded before the inputs were validated")
+
+    monkeypatch.setattr(hub_upload, "LlavaForConditionalGeneration", Refuse)
+    monkeypatch.setattr(hub_upload, "HfApi", None)
+    base = tmp_path / "base"
+    LlavaConfig(**tiny_config_dict()).save_pretrained(base)  # a config alone: enough for every fast check
+    return base
+
+
+def failure_message(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as raised:
+        hub_upload.main(argv)
+    assert raised.value.code != 0
+    return str(raised.value.code) + capsys.readouterr().err
+
+
+def test_rejects_non_llava_base(no_weights, tmp_path, capsys):
+    llama = tmp_path / "llama"
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4).save_pretrained(llama)
+    message = failure_message(["--base", str(llama), "--output-dir", str(tmp_path / "out")], capsys)
+    assert "'llama'" in message and "llava" in message
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (["--method", "bogus"], "bogus"),
+        (["--method", "cls_attention", "--set", "colour=red"], "colour"),
+        (["--method", "cls_attention", "--set", "budget"], "KEY=VALUE"),
+        (["--method", "cls_attention", "--set", "budget=-3"], "budget"),
+    ],
+)
+def test_rejects_bad_compression(no_weights, tmp_path, capsys, settings, expected):
+    message = failure_message(["--base", str(no_weights), *settings, "--output-dir", str(tmp_path / "out")], capsys)
+    assert expected in message
+
+
+def test_rejects_non_empty_output_dir_without_force(no_weights, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    message = failure_message(["--base", str(no_weights), "--output-dir", str(output)], capsys)
+    assert "--force" in message and (output / "keep.txt").read_text() == "mine"
+
+
+def test_rejects_push_without_credentials(no_weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(hub_upload.huggingface_hub, "get_token", lambda: None)
+    message = failure_message(["--base", str(no_weights), "--repo-id", "org/name"], capsys)
+    assert "org/name" in message and "HF_TOKEN" in message
+
+
+def test_requires_a_destination(no_weights, capsys):
+    assert "--output-dir" in failure_message(["--base", str(no_weights)], capsys)
+
+
+def test_method_defaults_to_the_config_default():
+    from llava_rc import LlavaRCConfig
+
+    assert hub_upload.build_parser().parse_args(["--base", "x"]).method == LlavaRCConfig().compression["method"]
+
+
+def test_set_values_are_parsed_as_json():
+    assert hub_upload.parse_value("64") == 64 and hub_upload.parse_value("0.1") == 0.1
+    assert hub_upload.parse_value("llm") == "llm" and hub_upload.parse_value("null") is None
+
+
+def test_failed_verification_moves_and_pushes_nothing(tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    save_base(base, old_layout=False)
+    monkeypatch.setattr(hub_upload, "VERIFY_SCRIPT", "raise SystemExit('broken on purpose')")
+    monkeypatch.setattr(hub_upload, "HfApi", None)  # any push attempt would fail with a TypeError
+    monkeypatch.setattr(hub_upload.huggingface_hub, "get_token", lambda: "hf_fake")
+    with pytest.raises(SystemExit, match="verification failed"):
+        hub_upload.main(["--base", str(base), "--output-dir", str(tmp_path / "out"), "--repo-id", "org/name"])
+    assert not (tmp_path / "out").exists()
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".llava-rc-upload-")]
