@@ -6,6 +6,7 @@ from .compression_common import CompressionInputs, MethodConfig, TokenPlan
 from .compression_registry import METHODS, parse_compression
 from .configuration_llava_rc import LlavaRCConfig
 from .modeling_llava_rc import CompressionReport, LlavaRCCausalLMOutputWithPast, LlavaRCForConditionalGeneration
+from .processing_llava_rc import LlavaRCProcessor
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ AutoModelForImageTextToText.register(LlavaRCConfig, LlavaRCForConditionalGenerat
 # Hub use: save_pretrained writes auto_map and copies the model code next to the weights.
 LlavaRCConfig.register_for_auto_class()
 LlavaRCForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+LlavaRCProcessor.register_for_auto_class()
 
 __all__ = [
     "METHODS",
@@ -23,6 +25,7 @@ __all__ = [
     "LlavaRCCausalLMOutputWithPast",
     "LlavaRCConfig",
     "LlavaRCForConditionalGeneration",
+    "LlavaRCProcessor",
     "MethodConfig",
     "TokenPlan",
     "parse_compression",

@@ -19,7 +19,8 @@ length (silently wrong). The caller's ``input_ids`` are put back in front of the
 from dataclasses import dataclass
 
 import torch
-from transformers import LlavaForConditionalGeneration
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, LlavaForConditionalGeneration
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 from transformers.utils import logging
 
@@ -29,6 +30,9 @@ from .configuration_llava_rc import LlavaRCConfig
 from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
 
 logger = logging.get_logger(__name__)
+
+# Processor outputs that only the compression pre-pass reads.
+GUIDANCE_INPUTS = ("guidance_mask", "guidance_input_ids", "guidance_attention_mask")
 
 
 @dataclass
@@ -85,6 +89,20 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
 
     config_class = LlavaRCConfig
 
+    def __init__(self, config: LlavaRCConfig):
+        super().__init__(config)
+        # "clip" guidance (the RC paper): CLIP's text tower and both projections into the shared space.
+        self.guidance_text_model = None
+        if config.guidance_text_config is not None:
+            text_config = CLIPTextConfig(**config.guidance_text_config)
+            projection_dim = config.guidance_projection_dim
+            self.guidance_text_model = CLIPTextModel(text_config)
+            self.guidance_text_projection = nn.Linear(text_config.hidden_size, projection_dim, bias=False)
+            self.guidance_visual_projection = nn.Linear(
+                config.vision_config.hidden_size, projection_dim, bias=False
+            )
+            self.post_init()
+
     # ---- settings -------------------------------------------------------------------------------------------
     def compression_settings(self, compression: dict | MethodConfig | None = None) -> MethodConfig:
         """The validated settings for a call: the per-call override if given, else the config's."""
@@ -133,20 +151,18 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
         keys = layer.self_attn.k_proj(normed)  # (I, 1 + N, A)
         return query, keys, layer.self_attn.num_heads
 
-    def _guidance_scores(
+    def _llm_question(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None,
         guidance_mask: torch.Tensor | None,
-        projected: torch.Tensor,
-        tokens_per_image: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``"llm"`` guidance: cosine between each projected patch and the mean embedding of its prompt's question.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``"llm"`` guidance: the mean of the normalised input embeddings of each prompt's question tokens.
 
         The question is ``guidance_mask`` (B, L) when the processor gives one, else every real text token; with
-        labels, only tokens whose label is ignored (the prompt, never the answer). projected: (I, N, D).
-        Returns text_scores (I, N) float32, has_text (I,) bool and the guidance width D.
+        labels, only tokens whose label is ignored (the prompt, never the answer). Returns (B, D) float32 and
+        has_text (B,) bool.
         """
         is_image = input_ids == self.config.image_token_id  # (B, L)
         if guidance_mask is None:
@@ -160,18 +176,45 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
         embeds = self.get_input_embeddings()(input_ids).float()  # (B, L, D)
         embeds = torch.nn.functional.normalize(embeds, dim=-1) * question.unsqueeze(-1)
         question_sizes = question.sum(dim=1)  # (B,)
-        text = embeds.sum(dim=1) / question_sizes.clamp(min=1).unsqueeze(-1)  # (B, D)
-        # The row of each image: scatter the row index of every placeholder to its image (others to a spare slot).
+        return embeds.sum(dim=1) / question_sizes.clamp(min=1).unsqueeze(-1), question_sizes > 0
+
+    def _clip_question(
+        self, guidance_input_ids: torch.Tensor | None, guidance_attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``"clip"`` guidance: the CLIP text tower's projected embedding of each prompt's question, (B, P) float32.
+
+        A row whose guidance mask is all zeros has no question (has_text False).
+        """
+        if self.guidance_text_model is None:
+            raise ValueError(
+                "guidance='clip' needs a CLIP text tower, which this model does not have (its config has no "
+                "guidance_text_config); use guidance='llm'"
+            )
+        if guidance_input_ids is None:
+            raise ValueError(
+                "guidance='clip' needs guidance_input_ids (the question tokenized by the guidance tokenizer); "
+                "use LlavaRCProcessor, which makes them"
+            )
+        if guidance_attention_mask is None:
+            guidance_attention_mask = torch.ones_like(guidance_input_ids)
+        if guidance_input_ids.shape[-1] == 0:  # every question empty: nothing to encode
+            batch_size = guidance_input_ids.shape[0]
+            width = self.guidance_text_projection.out_features
+            no_text = torch.zeros(batch_size, dtype=torch.bool, device=guidance_input_ids.device)
+            return torch.zeros(batch_size, width, device=guidance_input_ids.device), no_text
+        pooled = self.guidance_text_model(
+            input_ids=guidance_input_ids, attention_mask=guidance_attention_mask
+        ).pooler_output  # (B, W) the EOS token's state
+        return self.guidance_text_projection(pooled).float(), guidance_attention_mask.bool().any(dim=1)
+
+    @staticmethod
+    def _image_rows(is_image: torch.Tensor, num_images: int, tokens_per_image: int) -> torch.Tensor:
+        """(I,) the batch row of each image: every placeholder scatters its row to its image (others to a spare)."""
         image_index, _ = image_token_layout(is_image, tokens_per_image)  # (B, L)
-        num_images = projected.shape[0]
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(image_index)
+        rows = torch.arange(is_image.shape[0], device=is_image.device).unsqueeze(1).expand_as(image_index)
         target = torch.where(is_image, image_index, torch.full_like(image_index, num_images))
-        image_row = torch.zeros(num_images + 1, dtype=torch.long, device=input_ids.device)
-        image_row = image_row.scatter(0, target.flatten(), rows.flatten())[:num_images]  # (I,)
-        image_text = text[image_row].to(projected.device)  # (I, D)
-        scores = torch.nn.functional.cosine_similarity(projected.float(), image_text.unsqueeze(1), dim=-1)  # (I, N)
-        has_text = (question_sizes[image_row] > 0).to(projected.device)
-        return scores, has_text, projected.shape[-1]
+        image_row = torch.zeros(num_images + 1, dtype=torch.long, device=is_image.device)
+        return image_row.scatter(0, target.flatten(), rows.flatten())[:num_images]
 
     def compress_inputs(
         self,
@@ -183,12 +226,15 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
         guidance_mask: torch.Tensor | None = None,
+        guidance_input_ids: torch.Tensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
         pad_left: bool | None = None,
     ) -> CompressedBatch:
         """Encode the images once, compress them, and rebuild the batch around the kept tokens.
 
         input_ids: (B, L) with each image expanded to N placeholder tokens; pixel_values: (I, 3, H, W), the images
-        in reading order; attention_mask, labels, guidance_mask: (B, L) or None. pad_left: re-pad side; None
+        in reading order; attention_mask, labels, guidance_mask: (B, L) or None; guidance_input_ids,
+        guidance_attention_mask: (B, T) the question for the CLIP text tower, or None. pad_left: re-pad side; None
         keeps the caller's side (left when any row starts with padding).
         """
         settings = settings if settings is not None else self.compression_settings()
@@ -233,26 +279,32 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
         features = hidden_states[feature_layer][:, 1:]  # (I, N, C) patch tokens without [CLS]
 
         function = method_function(settings)
+        guidance = settings.guidance_source
         projected = None
+        if settings.stage == "projected" or guidance == "llm":
+            projected = self.model.multi_modal_projector(features)  # (I, N, D)
         with torch.no_grad():
             inputs = CompressionInputs(features=features.detach(), grid=grid)
+            if settings.stage == "projected":
+                inputs.features = projected.detach()
             if settings.needs_attention:
                 query, keys, num_heads = self._attention_inputs(hidden_states, feature_layer, settings)
                 inputs.cls_query, inputs.attention_keys, inputs.num_heads = query, keys, num_heads
-        if settings.stage == "projected" or settings.guidance_source is not None:
-            projected = self.model.multi_modal_projector(features)  # (I, N, D)
-        with torch.no_grad():
-            if settings.stage == "projected":
-                inputs.features = projected.detach()
-            if settings.guidance_source == "llm":
-                inputs.text_scores, inputs.has_text, inputs.guidance_dim = self._guidance_scores(
-                    input_ids, attention_mask, labels, guidance_mask, projected.detach(), tokens_per_image
-                )
-            elif settings.guidance_source is not None:
-                raise ValueError(
-                    f"guidance {settings.guidance_source!r} needs guidance weights this model does not have; "
-                    "use guidance='llm'"
-                )
+            if guidance is not None:
+                if guidance == "llm":
+                    question, has_text = self._llm_question(input_ids, attention_mask, labels, guidance_mask)
+                    patches = projected.detach()  # (I, N, D)
+                else:
+                    question, has_text = self._clip_question(guidance_input_ids, guidance_attention_mask)
+                    # CLIP's own image-text space: the final layer's patch tokens, post-norm, visual projection.
+                    final_patches = vision_tower.post_layernorm(hidden_states[-1][:, 1:])  # (I, N, C)
+                    patches = self.guidance_visual_projection(final_patches)  # (I, N, P)
+                image_row = self._image_rows(is_image, num_images, tokens_per_image).to(patches.device)
+                inputs.text_scores = torch.nn.functional.cosine_similarity(
+                    patches.float(), question.to(patches.device)[image_row].unsqueeze(1), dim=-1
+                )  # (I, N)
+                inputs.has_text = has_text.to(patches.device)[image_row]
+                inputs.guidance_dim = patches.shape[-1]
             plan: TokenPlan = function(inputs, settings)
 
         if settings.stage == "projected":
@@ -308,6 +360,8 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
         image_sizes: torch.Tensor | None = None,
         compression: dict | None = None,
         guidance_mask: torch.Tensor | None = None,
+        guidance_input_ids: torch.Tensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ):
         r"""
@@ -319,6 +373,9 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
             "budget": 64}``; defaults to ``config.compression``.
         guidance_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on the question's
             tokens, for text-guided methods (the processor makes it); defaults to every text token of the prompt.
+        guidance_input_ids, guidance_attention_mask (`torch.Tensor` of shape `(batch_size, guidance_length)`,
+            *optional*): the question tokenized for the CLIP text tower (``guidance="clip"``; the processor makes
+            them). An all-zero mask row means the prompt has no question.
         """
         settings = self.compression_settings(compression)
         if pixel_values is None or settings.method == "none":
@@ -357,6 +414,8 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             guidance_mask=guidance_mask,
+            guidance_input_ids=guidance_input_ids,
+            guidance_attention_mask=guidance_attention_mask,
         )
         packed = batch.packed
         outputs = super().forward(
@@ -397,7 +456,8 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None or settings.method == "none":
-            kwargs.pop("guidance_mask", None)
+            for name in GUIDANCE_INPUTS:
+                kwargs.pop(name, None)
             if pixel_values is not None:
                 # forward() sees the per-call settings too, so a "none" override stays off in the prefill.
                 kwargs["compression"] = settings.to_dict()
@@ -418,6 +478,8 @@ class LlavaRCForConditionalGeneration(LlavaForConditionalGeneration):
             vision_feature_layer=kwargs.pop("vision_feature_layer", None),
             vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
             guidance_mask=kwargs.pop("guidance_mask", None),
+            guidance_input_ids=kwargs.pop("guidance_input_ids", None),
+            guidance_attention_mask=kwargs.pop("guidance_attention_mask", None),
             pad_left=True,
         )
         packed = batch.packed

@@ -1,0 +1,181 @@
+"""Text guidance: the question extraction, "clip" guidance (CLIP text tower owned by the model) and "llm" guidance."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llava_rc import LlavaRCConfig, LlavaRCProcessor
+from llava_rc.processing_llava_rc import extract_question
+from tiny import CHAT_TEMPLATE, PATCH_SIZE, SPECIAL_TOKENS, WORDS, random_image, tiny_config_dict, tiny_processor
+from tiny import tiny_rc_model, tiny_tokenizer
+
+CLIP_TEXT = dict(
+    vocab_size=len(SPECIAL_TOKENS) + len(WORDS) + 2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=32,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    initializer_range=0.3,
+)
+CLIP_GUIDED = dict(guidance_text_config=CLIP_TEXT, guidance_projection_dim=16)
+GREEDY = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+
+
+def rc_processor() -> LlavaRCProcessor:
+    base = tiny_processor()
+    return LlavaRCProcessor(
+        image_processor=base.image_processor,
+        tokenizer=base.tokenizer,
+        guidance_tokenizer=tiny_tokenizer(),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@pytest.mark.parametrize(
+    "prompt, question",
+    [
+        ("USER: <image>\nWhat color is the circle? ASSISTANT:", "What color is the circle?"),
+        ("A chat. USER: hi ASSISTANT: hello USER: <image> how many? ASSISTANT:", "how many?"),
+        ("[INST] <image>\nDescribe this [/INST]", "Describe this"),
+        ("<|im_start|>user\n<image>\nwhat shape<|im_end|><|im_start|>assistant\n", "what shape"),
+        ("<image> what is this", "what is this"),
+        ("USER: <image> ASSISTANT:", ""),
+    ],
+)
+def test_extract_question(prompt, question):
+    assert extract_question(prompt, "<image>") == question
+
+
+def test_clip_guidance_scores_patches_against_the_question():
+    """TRSM keeps the top patches by text score: with "clip" guidance they must be the top patches by
+    cosine(CLIP text embedding of the question, visual projection of the post-norm final patch tokens)."""
+    model = tiny_rc_model({"method": "trsm", "guidance": "clip", "budget": 4}, **CLIP_GUIDED)
+    processor = rc_processor()
+    image = random_image(3)
+    inputs = processor(images=image, text="USER: <image> what color is the square ? ASSISTANT:", return_tensors="pt")
+    report = model.generate(**inputs, return_dict_in_generate=True, **GREEDY).compression
+    with torch.no_grad():
+        hidden = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        patches = model.guidance_visual_projection(model.model.vision_tower.post_layernorm(hidden[-1][:, 1:]))
+        text = model.guidance_text_model(
+            input_ids=inputs["guidance_input_ids"], attention_mask=inputs["guidance_attention_mask"]
+        ).pooler_output
+        scores = torch.nn.functional.cosine_similarity(patches, model.guidance_text_projection(text)[:, None], dim=-1)
+    assert torch.equal(report.source_index[0, :4].sort().values, scores[0].topk(4).indices.sort().values)
+
+
+def test_clip_guided_rc_batch_equals_each_sample_alone_and_empty_question_is_vision_only():
+    model = tiny_rc_model({"method": "rc", "guidance": "clip"}, **CLIP_GUIDED)
+    processor = rc_processor()
+    images = [random_image(seed) for seed in (4, 5, 6)]
+    prompts = [
+        "USER: <image> what color is the circle ? ASSISTANT:",
+        "USER: <image> ASSISTANT:",
+        "USER: <image> what shape is in the top left of this picture ? ASSISTANT:",
+    ]
+    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    out = model.generate(**batch, return_dict_in_generate=True, **GREEDY)
+    length = batch["input_ids"].shape[1]
+    for row, (image, prompt) in enumerate(zip(images, prompts)):
+        single = processor(images=image, text=prompt, return_tensors="pt")
+        alone = model.generate(**single, return_dict_in_generate=True, **GREEDY)
+        assert torch.equal(out.sequences[row, length:], alone.sequences[0, single["input_ids"].shape[1] :])
+        assert torch.equal(out.compression.kept_counts[row], alone.compression.kept_counts[0])
+    empty = processor(images=images[1], text=prompts[1], return_tensors="pt")
+    assert empty["guidance_attention_mask"].sum() == 0
+    clip_plan = model.generate(**empty, return_dict_in_generate=True, **GREEDY).compression
+    vision_plan = model.generate(
+        **empty, compression={"method": "rc", "guidance": None}, return_dict_in_generate=True, **GREEDY
+    ).compression
+    assert torch.equal(clip_plan.source_index, vision_plan.source_index)
+    assert torch.equal(clip_plan.absorbed, vision_plan.absorbed)
+
+
+def test_clip_guidance_errors():
+    processor = rc_processor()
+    inputs = processor(images=random_image(7), text="USER: <image> what ? ASSISTANT:", return_tensors="pt")
+    without_tower = tiny_rc_model({"method": "rc", "guidance": "clip"})
+    with pytest.raises(ValueError, match=r"guidance='clip' needs a CLIP text tower.*use guidance='llm'"):
+        without_tower.generate(**inputs, **GREEDY)
+    with_tower = tiny_rc_model({"method": "rc", "guidance": "clip"}, **CLIP_GUIDED)
+    inputs.pop("guidance_input_ids")
+    with pytest.raises(ValueError, match=r"needs guidance_input_ids"):
+        with_tower(**inputs)
+    with pytest.raises(ValueError, match=r"guidance_projection_dim must be a positive int .* got None"):
+        LlavaRCConfig(**tiny_config_dict(guidance_text_config=CLIP_TEXT))
+
+
+def test_llm_guidance_ignores_the_answer_in_forward():
+    """In forward(labels=...), the question is only the tokens whose label is ignored: changing the answer
+    tokens must not change which patches are kept."""
+    model = tiny_rc_model({"method": "trsm", "budget": 4})
+    processor = tiny_processor()
+    image = random_image(8)
+    kept = []
+    for answer in ("red", "blue green"):
+        inputs = processor(images=image, text=f"USER: <image> what color ? ASSISTANT: {answer}", return_tensors="pt")
+        prompt_length = len(processor(images=image, text="USER: <image> what color ? ASSISTANT:")["input_ids"][0])
+        labels = inputs["input_ids"].clone()
+        labels[:, :prompt_length] = -100
+        kept.append(model(**inputs, labels=labels).compression.source_index)
+    assert torch.equal(kept[0], kept[1])
+
+
+LOADER = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockLlavaRC(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "llava_rc" or name.startswith("llava_rc."):
+                raise ImportError(f"{name} is blocked in this process")
+
+    sys.meta_path.insert(0, BlockLlavaRC())
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    repo = sys.argv[1]
+    model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+    image = Image.fromarray(np.full((30, 28, 3), 90, dtype=np.uint8))
+    inputs = processor(images=image, text="USER: <image> what color ? ASSISTANT:", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, return_dict_in_generate=True)
+    pipe = pipeline("image-text-to-text", model=repo, trust_remote_code=True)
+    answer = pipe(images=image, text="USER: <image> what shape ? ASSISTANT:", max_new_tokens=3)
+    print(json.dumps({"processor": type(processor).__name__, "keys": sorted(inputs.keys()),
+                      "method": out["compression"].method["guidance"], "answer": answer[0]["generated_text"]}))
+    """
+)
+
+
+def test_clip_guided_repo_loads_through_remote_code(tmp_path):
+    repo = tmp_path / "repo"
+    tiny_rc_model({"method": "rc", "guidance": "clip"}, **CLIP_GUIDED).save_pretrained(repo)
+    rc_processor().save_pretrained(repo)
+    assert (repo / "guidance_tokenizer").is_dir() and (repo / "processing_llava_rc.py").is_file()
+    script = tmp_path / "load.py"
+    script.write_text(LOADER)
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, "-P", str(script), str(repo)], cwd=tmp_path, env=environment,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["processor"] == "LlavaRCProcessor"
+    assert {"guidance_input_ids", "guidance_attention_mask"} <= set(report["keys"])
+    assert report["method"] == "clip" and isinstance(report["answer"], str)
