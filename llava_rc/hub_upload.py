@@ -26,9 +26,9 @@ import huggingface_hub
 import torch
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
 
-from . import LlavaRCConfig, LlavaRCForConditionalGeneration, parse_compression
+from . import LlavaRCConfig, LlavaRCForConditionalGeneration, LlavaRCProcessor, parse_compression
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UPLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.md", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a compression setting, repeatable; VALUE is parsed as JSON when possible (budget=64, budget=0.1)",
     )
+    parser.add_argument(
+        "--clip",
+        help="repo id or directory of the CLIP model whose text tower and projections give 'clip' guidance "
+        "(for LLaVA-1.5: openai/clip-vit-large-patch14-336); without it the repo uses 'llm' guidance",
+    )
     parser.add_argument("--output-dir", type=Path, help="write the verified repo here")
     parser.add_argument("--repo-id", help="push the verified repo to this Hub repo (ORG/NAME)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -124,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_settings(parser: argparse.ArgumentParser, method: str, items: list[str]) -> dict:
+def parse_settings(parser: argparse.ArgumentParser, method: str, items: list[str], clip: str | None = None) -> dict:
+    """The validated compression settings; text-guided methods default to "clip" guidance when --clip is given."""
     compression = {"method": method}
     for item in items:
         key, separator, value = item.partition("=")
@@ -132,9 +138,30 @@ def parse_settings(parser: argparse.ArgumentParser, method: str, items: list[str
             parser.error(f"--set expects KEY=VALUE, got {item!r}")
         compression[key.strip()] = parse_value(value)
     try:
-        return parse_compression(compression).to_dict()
+        settings = parse_compression(compression).to_dict()
     except (ValueError, TypeError) as error:
         parser.error(f"invalid compression settings {compression}: {error}")
+    if clip is not None and "guidance" in settings and "guidance" not in compression:
+        settings["guidance"] = "clip"
+    if clip is None and settings.get("guidance") == "clip":
+        parser.error("guidance=clip needs the CLIP text tower: pass --clip")
+    return settings
+
+
+def check_clip_config(clip: str, base_config) -> None:
+    """The CLIP model must be a CLIP whose visual projection reads the base's vision tower width."""
+    try:
+        config = AutoConfig.from_pretrained(clip)
+    except Exception as error:  # noqa: BLE001 - any failure here means the CLIP model cannot be used
+        raise SystemExit(f"cannot read the config of --clip {clip!r}: {error}") from error
+    if config.model_type != "clip":
+        raise SystemExit(f"--clip {clip!r} has model_type {config.model_type!r}; expected a CLIP model ('clip')")
+    clip_width, tower_width = config.vision_config.hidden_size, base_config.vision_config.hidden_size
+    if clip_width != tower_width:
+        raise SystemExit(
+            f"--clip {clip!r}: its visual projection reads {clip_width}-wide vision features but the base's vision "
+            f"tower is {tower_width} wide; use the CLIP model the base's vision tower came from"
+        )
 
 
 def check_base_config(base: str):
@@ -229,21 +256,48 @@ Base model: {base_link}; please also cite the work in its model card.
 """
 
 
-def load_and_convert(base: str, dtype, compression: dict):
-    """The stock model (it maps old key layouts), and the RC subclass holding exactly its weights."""
+def load_and_convert(base: str, dtype, compression: dict, clip: str | None = None):
+    """The stock model (it maps old key layouts), and the RC subclass holding exactly its weights (plus, with
+    ``clip``, CLIP's text tower and projections for "clip" guidance)."""
     stock = LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype).eval()
     config_dict = {key: value for key, value in stock.config.to_dict().items() if key != "model_type"}
+    state_dict = stock.state_dict()
+    buffers = dict(stock.named_buffers())
+    if clip is not None:
+        clip_model = CLIPModel.from_pretrained(clip, dtype=dtype).eval()
+        text_config = clip_model.config.text_config.to_dict()
+        text_config.pop("model_type", None)
+        config_dict.update(guidance_text_config=text_config, guidance_projection_dim=clip_model.config.projection_dim)
+        for name, tensor in clip_model.text_model.state_dict().items():
+            state_dict[f"guidance_text_model.{name}"] = tensor
+        for name, buffer in clip_model.text_model.named_buffers():
+            buffers[f"guidance_text_model.{name}"] = buffer
+        state_dict["guidance_text_projection.weight"] = clip_model.text_projection.weight
+        state_dict["guidance_visual_projection.weight"] = clip_model.visual_projection.weight
     config = LlavaRCConfig(**config_dict, compression=compression)
     # Built on the meta device and filled by assignment: no second random initialisation of a multi-GB model.
     with torch.device("meta"):
         model = LlavaRCForConditionalGeneration(config)
-    model.load_state_dict(stock.state_dict(), strict=True, assign=True)
-    for name, buffer in stock.named_buffers():  # non-persistent buffers are not in the state dict
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    for name, buffer in buffers.items():  # non-persistent buffers are not in the state dict
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, buffer)
     model.tie_weights()
     model.generation_config = stock.generation_config
     return stock.eval(), model.eval()
+
+
+def with_guidance_tokenizer(processor, guidance_tokenizer) -> LlavaRCProcessor:
+    """The base's LLaVA processor plus CLIP's tokenizer for the question."""
+    return LlavaRCProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        guidance_tokenizer=guidance_tokenizer,
+        patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        chat_template=processor.chat_template,
+        num_additional_image_tokens=processor.num_additional_image_tokens,
+    )
 
 
 def write_repo(directory: Path, model, processor, card: str) -> None:
@@ -263,8 +317,9 @@ def verify_repo(directory: Path, stock, processor, compression: dict) -> None:
     pixels = synthetic_pixels(processor)  # (H, W, 3) uint8
     inputs = processor(images=Image.fromarray(pixels.numpy()), text=prompt, return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(stock.dtype)
+    stock_inputs = {key: value for key, value in inputs.items() if not key.startswith("guidance_")}
     with torch.no_grad():
-        sequences = stock.generate(**inputs, max_new_tokens=VERIFY_MAX_NEW_TOKENS, do_sample=False)
+        sequences = stock.generate(**stock_inputs, max_new_tokens=VERIFY_MAX_NEW_TOKENS, do_sample=False)
     with tempfile.TemporaryDirectory(prefix="llava-rc-verify-") as scratch_name:
         scratch = Path(scratch_name)
         torch.save(
@@ -321,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.output_dir is None and args.repo_id is None:
         parser.error("nothing to do: give --output-dir, --repo-id, or both")
-    compression = parse_settings(parser, args.method, args.settings)
+    compression = parse_settings(parser, args.method, args.settings, args.clip)
     destination = args.output_dir.resolve() if args.output_dir is not None else None
     if destination is not None and destination.exists():
         if not destination.is_dir():
@@ -330,12 +385,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--output-dir {str(destination)!r} is not empty; pass --force to replace it")
     if args.repo_id is not None and huggingface_hub.get_token() is None:
         raise SystemExit(f"--repo-id {args.repo_id!r} needs Hub credentials: run `hf auth login` or set HF_TOKEN")
-    check_base_config(args.base)
+    base_config = check_base_config(args.base)
+    if args.clip is not None:
+        check_clip_config(args.clip, base_config)
 
     log(1, f"loading base {args.base} (dtype {args.dtype}) ...")
     dtype = DTYPES[args.dtype]
     processor = AutoProcessor.from_pretrained(args.base)
-    stock, model = load_and_convert(args.base, dtype, compression)
+    if args.clip is not None:
+        processor = with_guidance_tokenizer(processor, AutoTokenizer.from_pretrained(args.clip))
+    stock, model = load_and_convert(args.base, dtype, compression, args.clip)
 
     log(2, f"built LlavaRCForConditionalGeneration with compression {compression}")
     parent = destination.parent if destination is not None else None

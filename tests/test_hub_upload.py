@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import llava_rc.hub_upload as hub_upload
-from tiny import PAD_TOKEN_ID, make_batch, tiny_config_dict, tiny_processor
+from tiny import PAD_TOKEN_ID, make_batch, tiny_config_dict, tiny_processor, tiny_tokenizer
 
 # Current (in-memory) key prefixes -> the pre-4.52 llava layout.
 OLD_LAYOUT = [
@@ -266,3 +266,54 @@ def test_failed_verification_moves_and_pushes_nothing(tmp_path, monkeypatch):
         hub_upload.main(["--base", str(base), "--output-dir", str(tmp_path / "out"), "--repo-id", "org/name"])
     assert not (tmp_path / "out").exists()
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".llava-rc-upload-")]
+
+
+def save_clip(directory: Path, vision_width: int = 32) -> CLIPModel:
+    """A tiny CLIP model (text tower, projections) and its tokenizer, as --clip expects."""
+    torch.manual_seed(2)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=tiny_tokenizer().vocab_size + 2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=vision_width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=28, patch_size=7,
+        ),
+        projection_dim=16,
+    )
+    model = CLIPModel(config).eval()
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return model
+
+
+def test_clip_adds_guidance_tower_projections_and_tokenizer(tmp_path):
+    """--clip: the repo carries CLIP's text tower and projections and a LlavaRCProcessor with CLIP's tokenizer,
+    text-guided methods default to "clip" guidance, and main() verified it in a fresh process (remote code)."""
+    base, clip, output = tmp_path / "base", tmp_path / "clip", tmp_path / "out"
+    save_base(base, old_layout=False)
+    clip_model = save_clip(clip)
+    assert hub_upload.main(["--base", str(base), "--clip", str(clip), "--output-dir", str(output)]) == 0
+    config = json.loads((output / "config.json").read_text())
+    assert config["compression"]["method"] == "rc" and config["compression"]["guidance"] == "clip"
+    assert config["guidance_projection_dim"] == 16 and config["guidance_text_config"]["hidden_size"] == 32
+    assert (output / "guidance_tokenizer").is_dir() and (output / "processing_llava_rc.py").is_file()
+    weights = load_file(output / "model.safetensors")
+    assert torch.equal(weights["guidance_text_projection.weight"], clip_model.text_projection.weight)
+    assert torch.equal(weights["guidance_visual_projection.weight"], clip_model.visual_projection.weight)
+    text_weight = "guidance_text_model.embeddings.token_embedding.weight"
+    assert torch.equal(weights[text_weight], clip_model.text_model.embeddings.token_embedding.weight)
+
+
+def test_rejects_clip_that_does_not_fit_the_vision_tower(no_weights, tmp_path, capsys):
+    clip = tmp_path / "clip"
+    save_clip(clip, vision_width=48)
+    argv = ["--base", str(no_weights), "--clip", str(clip), "--output-dir", str(tmp_path / "out")]
+    message = failure_message(argv, capsys)
+    assert "48-wide" in message and "32 wide" in message
+
+
+def test_clip_guidance_without_clip_is_rejected(no_weights, tmp_path, capsys):
+    argv = ["--base", str(no_weights), "--set", "guidance=clip", "--output-dir", str(tmp_path / "out")]
+    assert "pass --clip" in failure_message(argv, capsys)
