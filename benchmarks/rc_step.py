@@ -35,8 +35,13 @@ TEXT_WIDTH = 4096  # the 7B language model's width: the projector's output
 
 def clip_vit_l_336() -> CLIPVisionConfig:
     return CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
     )
 
 
@@ -54,9 +59,14 @@ def rc_step(tower, projector, hidden_states, question, settings: RCConfig):
     scores = torch.nn.functional.cosine_similarity(projected.float(), question.unsqueeze(1), dim=-1)  # (I, N)
     side = int(features.shape[1] ** 0.5)
     inputs = CompressionInputs(
-        features=features, cls_query=layer.self_attn.q_proj(normed[:, 0]), attention_keys=layer.self_attn.k_proj(normed),
-        num_heads=layer.self_attn.num_heads, text_scores=scores, guidance_dim=projected.shape[-1],
-        has_text=torch.ones(features.shape[0], dtype=torch.bool, device=features.device), grid=(side, side),
+        features=features,
+        cls_query=layer.self_attn.q_proj(normed[:, 0]),
+        attention_keys=layer.self_attn.k_proj(normed),
+        num_heads=layer.self_attn.num_heads,
+        text_scores=scores,
+        guidance_dim=projected.shape[-1],
+        has_text=torch.ones(features.shape[0], dtype=torch.bool, device=features.device),
+        grid=(side, side),
     )
     return apply_plan(features, compress_rc(inputs, settings))
 
@@ -77,7 +87,9 @@ def released_structure(tower, pixel_values, hidden_states, question, settings: R
     for image in range(pixel_values.shape[0]):  # batch size 1 only in the released code: loop over images
         normed = layer.layer_norm1(hidden_states[FEATURE_LAYER][image : image + 1])
         inputs = CompressionInputs(
-            features=normed, cls_query=layer.self_attn.q_proj(normed[:, 0]), attention_keys=layer.self_attn.k_proj(normed),
+            features=normed,
+            cls_query=layer.self_attn.q_proj(normed[:, 0]),
+            attention_keys=layer.self_attn.k_proj(normed),
             num_heads=layer.self_attn.num_heads,
         )
         attention = cls_attention(inputs, per_head=False)[0]
@@ -101,7 +113,9 @@ def released_structure(tower, pixel_values, hidden_states, question, settings: R
         merged = []
         for centre in centres:  # one top-k per centre, as released
             similarity = torch.nn.functional.cosine_similarity(keys[centre].unsqueeze(0), keys[others], dim=-1)
-            picked = torch.topk(similarity + settings.text_weight * scores[others], min(settings.merge_neighbors, len(others))).indices
+            picked = torch.topk(
+                similarity + settings.text_weight * scores[others], min(settings.merge_neighbors, len(others))
+            ).indices
             members = torch.as_tensor(others)[picked]
             merged.append(features[centre] + (attention[members].unsqueeze(-1) * features[members]).sum(0))
         outputs.append(torch.stack([features[i] for i in np.sort(np.concatenate([kept, recovered]))] + merged))
@@ -153,16 +167,20 @@ def main() -> None:
                 for name, function in stages.items():
                     samples[name] += timed(function, device, 1)
             medians = {name: statistics.median(values) for name, values in samples.items()}
-            rows.append({
-                "batch_size": batch_size,
-                "median_seconds": medians,
-                "rc_step_share_of_vision": medians["rc_step"] / medians["vision"],
-                "released_over_rc_step": medians["released"] / medians["rc_step"],
-            })
+            rows.append(
+                {
+                    "batch_size": batch_size,
+                    "median_seconds": medians,
+                    "rc_step_share_of_vision": medians["rc_step"] / medians["vision"],
+                    "released_over_rc_step": medians["released"] / medians["rc_step"],
+                }
+            )
             print(json.dumps(rows[-1]))
     result = {
         "benchmark": "rc_step",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

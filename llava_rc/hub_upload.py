@@ -45,17 +45,22 @@ RC_CITATION = """@article{chen2024recoverable,
   year    = {2024}
 }"""
 
+# Prepended to every script run by run_without_llava_rc: the package (even when installed) cannot be imported, so
+# only a repo's own copied code files can load.
+BLOCK_LLAVA_RC = """import importlib.abc, sys
+
+class BlockLlavaRC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "llava_rc" or name.startswith("llava_rc."):
+            raise ImportError(f"{name} is blocked in this process")
+
+sys.meta_path.insert(0, BlockLlavaRC())
+"""
+
 # Runs in a fresh interpreter, from an empty folder, with llava_rc blocked: only the repo's copied code can load.
 VERIFY_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockLlavaRC(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "llava_rc" or name.startswith("llava_rc."):
-                raise ImportError(f"{name} is blocked in this process")
-
-    sys.meta_path.insert(0, BlockLlavaRC())
+    import json, sys
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -334,16 +339,7 @@ def verify_repo(directory: Path, stock, processor, compression: dict) -> None:
             },
             scratch / "reference.pt",
         )
-        (scratch / "verify.py").write_text(VERIFY_SCRIPT)
-        environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-        environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(scratch / "modules"))
-        result = subprocess.run(
-            [sys.executable, "-P", str(scratch / "verify.py"), str(directory), str(scratch / "reference.pt")],
-            cwd=scratch,
-            env=environment,
-            capture_output=True,
-            text=True,
-        )
+        result = run_without_llava_rc(VERIFY_SCRIPT, [str(directory), str(scratch / "reference.pt")], scratch)
     if result.returncode != 0:
         raise SystemExit(
             f"verification failed: the written repo does not load through remote code:\n{result.stderr[-4000:]}"
@@ -360,6 +356,24 @@ def verify_repo(directory: Path, stock, processor, compression: dict) -> None:
         problems.append("generation with compression on produced no tokens")
     if problems:
         raise SystemExit("verification failed: " + "; ".join(problems))
+
+
+def run_without_llava_rc(
+    script: str, arguments: list[str], workdir: Path, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter in ``workdir``, offline, where ``llava_rc`` cannot be imported."""
+    path = workdir / "isolated_script.py"
+    path.write_text(BLOCK_LLAVA_RC + script)
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "hf_modules"))
+    return subprocess.run(
+        [sys.executable, "-P", str(path), *arguments],
+        cwd=workdir,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def synthetic_pixels(processor) -> torch.Tensor:

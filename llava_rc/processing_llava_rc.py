@@ -7,7 +7,9 @@ from transformers import LlavaProcessor, ProcessorMixin
 
 # Chat-template role markers of the LLaVA families (LLaVA-1.5 "USER:/ASSISTANT:", Mistral "[INST]", ChatML).
 USER_TURN = re.compile(r"\bUSER\s*:|\bHuman\s*:|\[INST\]|<\|im_start\|>\s*user", re.IGNORECASE)
-ASSISTANT_TURN = re.compile(r"\bASSISTANT\s*:|\bGPT\s*:|\[/INST\]|<\|im_end\|>|<\|im_start\|>\s*assistant", re.IGNORECASE)
+ASSISTANT_TURN = re.compile(
+    r"\bASSISTANT\s*:|\bGPT\s*:|\[/INST\]|<\|im_end\|>|<\|im_start\|>\s*assistant", re.IGNORECASE
+)
 
 
 def extract_question(prompt: str, image_token: str) -> str:

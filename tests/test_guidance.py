@@ -1,9 +1,6 @@
 """Text guidance: the question extraction, "clip" guidance (CLIP text tower owned by the model) and "llm" guidance."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,6 +8,7 @@ import torch
 
 from llava_rc import LlavaRCConfig, LlavaRCProcessor
 from llava_rc.processing_llava_rc import extract_question
+from llava_rc.hub_upload import run_without_llava_rc
 from tiny import CHAT_TEMPLATE, PATCH_SIZE, SPECIAL_TOKENS, WORDS, random_image, tiny_config_dict, tiny_processor
 from tiny import tiny_rc_model, tiny_tokenizer
 
@@ -135,14 +133,7 @@ def test_llm_guidance_ignores_the_answer_in_forward():
 
 LOADER = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockLlavaRC(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "llava_rc" or name.startswith("llava_rc."):
-                raise ImportError(f"{name} is blocked in this process")
-
-    sys.meta_path.insert(0, BlockLlavaRC())
+    import json, sys
     import numpy as np
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -166,14 +157,7 @@ def test_clip_guided_repo_loads_through_remote_code(tmp_path):
     tiny_rc_model({"method": "rc", "guidance": "clip"}, **CLIP_GUIDED).save_pretrained(repo)
     rc_processor().save_pretrained(repo)
     assert (repo / "guidance_tokenizer").is_dir() and (repo / "processing_llava_rc.py").is_file()
-    script = tmp_path / "load.py"
-    script.write_text(LOADER)
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    result = subprocess.run(
-        [sys.executable, "-P", str(script), str(repo)], cwd=tmp_path, env=environment,
-        capture_output=True, text=True, timeout=300,
-    )
+    result = run_without_llava_rc(LOADER, [str(repo)], tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["processor"] == "LlavaRCProcessor"

@@ -5,9 +5,6 @@ No network exists here: pushing is tested by replacing ``HfApi`` at the module b
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import llava_rc.hub_upload as hub_upload
+from llava_rc.hub_upload import run_without_llava_rc
 from tiny import PAD_TOKEN_ID, make_batch, tiny_config_dict, tiny_processor, tiny_tokenizer
 
 # Current (in-memory) key prefixes -> the pre-4.52 llava layout.
@@ -29,14 +27,7 @@ OLD_LAYOUT = [
 
 CHECKER = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockLlavaRC(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "llava_rc" or name.startswith("llava_rc."):
-                raise ImportError(f"{name} is blocked in this process")
-
-    sys.meta_path.insert(0, BlockLlavaRC())
+    import json, sys
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -136,15 +127,8 @@ def converted(tmp_path_factory):
 
 
 def test_converted_repos_load_through_remote_code_and_match_stock(converted):
-    script = converted["root"] / "check.py"
-    script.write_text(CHECKER)
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(converted["root"] / "modules"))
     arguments = [str(item) for name in ("new", "old") for item in converted[name]]
-    result = subprocess.run(
-        [sys.executable, "-P", str(script), *arguments],
-        cwd=converted["root"], env=environment, capture_output=True, text=True, timeout=300,
-    )
+    result = run_without_llava_rc(CHECKER, arguments, converted["root"], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     new, old = json.loads(result.stdout.strip().splitlines()[-1])
     for report in (new, old):

@@ -1,31 +1,22 @@
 """save_pretrained writes a Hub repo that loads through remote code in a process where llava_rc cannot be imported."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from llava_rc.hub_upload import run_without_llava_rc
 from tiny import make_batch, tiny_processor, tiny_rc_model
 
 COMPRESSION = {"method": "cls_attention", "budget": 5}
 
-# Runs in a fresh interpreter from an empty folder. The package is installed (editable) in the test environment,
-# so an import blocker makes sure nothing but the repo's own copied code files can be used.
+# Runs in a fresh interpreter from an empty folder (run_without_llava_rc blocks the installed package, so nothing
+# but the repo's own copied code files can be used).
 LOADER = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockLlavaRC(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "llava_rc" or name.startswith("llava_rc."):
-                raise ImportError(f"{name} is blocked in this process")
-
-    sys.meta_path.insert(0, BlockLlavaRC())
+    import json, sys
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, pipeline
     from PIL import Image
@@ -97,17 +88,8 @@ def test_saved_repo_has_auto_map_and_flat_code(saved_repo: Path):
 
 
 def test_remote_code_round_trip_in_a_fresh_process(saved_repo: Path, tmp_path: Path):
-    script = tmp_path / "load.py"
-    script.write_text(LOADER)
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    result = subprocess.run(
-        [sys.executable, "-P", str(script), str(saved_repo), str(saved_repo / "reference.pt")],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_without_llava_rc(
+        LOADER, [str(saved_repo), str(saved_repo / "reference.pt")], tmp_path, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
