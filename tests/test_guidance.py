@@ -163,3 +163,16 @@ def test_clip_guided_repo_loads_through_remote_code(tmp_path):
     assert report["processor"] == "LlavaRCProcessor"
     assert {"guidance_input_ids", "guidance_attention_mask"} <= set(report["keys"])
     assert report["method"] == "clip" and isinstance(report["answer"], str)
+
+
+def test_clip_guided_rc_in_forward_with_labels():
+    model = tiny_rc_model({"method": "rc", "guidance": "clip", "budget": 6}, **CLIP_GUIDED)
+    processor = rc_processor()
+    prompts = ["USER: <image> what color is the circle ? ASSISTANT: red", "USER: <image> how many ? ASSISTANT: two"]
+    inputs = processor(images=[random_image(9), random_image(10)], text=prompts, return_tensors="pt", padding=True)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[labels == processor.image_token_id] = -100
+    out = model(**inputs, labels=labels)
+    assert torch.isfinite(out.loss) and out.compression.kept_counts.tolist() == [6, 6]
+    out.loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
