@@ -42,5 +42,4 @@ def compress_cls_attention(inputs: CompressionInputs, config: ClsAttentionConfig
     """
     attention = cls_attention(inputs, per_head=True)  # (I, N)
     keep = resolve_budget(config.budget, inputs.num_patches)
-    counts = torch.full((inputs.num_images,), keep, dtype=torch.long, device=attention.device)
-    return select_plan(attention, counts)
+    return select_plan(attention, keep)

@@ -125,19 +125,18 @@ def cls_attention(inputs: CompressionInputs, per_head: bool = True) -> torch.Ten
     return attention[:, 1:]
 
 
-def select_plan(scores: torch.Tensor, counts: torch.Tensor) -> TokenPlan:
-    """Keep the ``counts[i]`` highest-scoring patches of each image, returned in raster order.
+def select_plan(scores: torch.Tensor, count: int) -> TokenPlan:
+    """Keep the ``count`` highest-scoring patches of every image, returned in raster order.
 
-    scores: (I, N) float; counts: (I,) long. Ties are broken towards the lower patch index, so the result is
-    deterministic and does not depend on the other images in the batch.
+    scores: (I, N) float; count: tokens kept per image (a fixed budget, known on the host: no sync). Ties are
+    broken towards the lower patch index, so the result is deterministic and does not depend on the other images.
     """
     num_images, num_patches = scores.shape
-    max_count = int(counts.max()) if num_images else 0
     order = stable_descending_order(scores)  # (I, N)
-    rank_valid = torch.arange(num_patches, device=scores.device) < counts.unsqueeze(-1)  # (I, N)
+    rank_valid = (torch.arange(num_patches, device=scores.device) < count).expand(num_images, num_patches)
     # Mark the chosen patches, then read them back in raster order.
     chosen = torch.zeros_like(rank_valid).scatter(1, order, rank_valid)  # (I, N) bool
-    return plan_from_mask(chosen, max_count)
+    return plan_from_mask(chosen, count)
 
 
 def stable_descending_order(scores: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,7 @@ def compress_gprune(inputs: CompressionInputs, config: GPruneConfig) -> TokenPla
     # keep_ratio is always a ratio, even when written as the int 1.
     budget = float(config.keep_ratio) if config.budget is None else config.budget
     keep = resolve_budget(budget, inputs.num_patches)
-    counts = torch.full((inputs.num_images,), keep, dtype=torch.long, device=scores.device)
-    return select_plan(scores, counts)
+    return select_plan(scores, keep)
 
 
 def graph_scores(features: torch.Tensor, threshold: float, temperature: float, steps: int) -> torch.Tensor:

@@ -95,7 +95,7 @@ def compress_prumerge(inputs: CompressionInputs, config: PruMergeConfig) -> Toke
         plan = plan_from_mask(iqr_outliers(attention))
     else:
         keep = resolve_budget(config.budget, inputs.num_patches)
-        plan = select_plan(attention, torch.full_like(attention[:, 0], keep, dtype=torch.long))
+        plan = select_plan(attention, keep)
     return with_neighbour_merge(plan, attention, inputs.patch_keys, config.merge_neighbors)
 
 
@@ -117,7 +117,7 @@ def compress_prumerge_plus(inputs: CompressionInputs, config: PruMergePlusConfig
         keep = resolve_budget(config.budget, inputs.num_patches)
         # Attention is a probability (<= 1): adding 2 ranks every chosen patch above every other one.
         priority = attention + 2.0 * chosen.float()  # (I, N)
-        plan = select_plan(priority, torch.full_like(attention[:, 0], keep, dtype=torch.long))
+        plan = select_plan(priority, keep)
     return with_neighbour_merge(plan, attention, inputs.patch_keys, config.merge_neighbors)
 
 

@@ -64,7 +64,7 @@ def compress_trsm(inputs: CompressionInputs, config: TrsmConfig) -> TokenPlan:
         has_text = inputs.has_text if inputs.has_text is not None else torch.ones_like(ranking[:, 0], dtype=torch.bool)
         ranking = torch.where(has_text.unsqueeze(-1), inputs.text_scores.float(), ranking)
     keep = resolve_budget(config.budget, inputs.num_patches)
-    plan = select_plan(ranking, torch.full_like(ranking[:, 0], keep, dtype=torch.long))
+    plan = select_plan(ranking, keep)
     kept = torch.zeros_like(ranking, dtype=torch.bool).scatter(1, plan.source_index, True)  # (I, N)
 
     units = torch.nn.functional.normalize(features, dim=-1)  # (I, N, C)
