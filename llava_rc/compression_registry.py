@@ -12,6 +12,7 @@ from .compression_cls_attention import ClsAttentionConfig, compress_cls_attentio
 from .compression_common import MethodConfig
 from .compression_gprune import GPruneConfig, compress_gprune
 from .compression_prumerge import PruMergeConfig, PruMergePlusConfig, compress_prumerge, compress_prumerge_plus
+from .compression_random import RandomConfig, compress_random
 from .compression_rc import RCConfig, compress_rc
 from .compression_trsm import TrsmConfig, compress_trsm
 
@@ -25,6 +26,7 @@ class NoCompressionConfig(MethodConfig):
 
 METHODS: dict[str, tuple[type[MethodConfig], Callable | None]] = {
     "none": (NoCompressionConfig, None),
+    "random": (RandomConfig, compress_random),
     "cls_attention": (ClsAttentionConfig, compress_cls_attention),
     "prumerge": (PruMergeConfig, compress_prumerge),
     "prumerge_plus": (PruMergePlusConfig, compress_prumerge_plus),

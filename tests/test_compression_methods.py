@@ -255,7 +255,7 @@ def test_bfloat16_features(name, settings):
 
 
 BUDGETED = [("prumerge", "budget"), ("prumerge_plus", "budget"), ("gprune", "budget"), ("gprune", "keep_ratio"),
-            ("trsm", "budget")]
+            ("trsm", "budget"), ("random", "budget")]
 BUDGETS = [(1, (4, 4)), (5, (4, 4)), (16, (4, 4)), (100, (4, 4)), (0.25, (6, 6)), (1.0, (8, 8)), (0.3, (12, 12)),
            (0.05, (12, 12))]
 
@@ -291,6 +291,8 @@ INVALID = [
     ("trsm", {"guidance": "bert"}, "guidance", "'bert'"),
     ("trsm", {"budget": None}, "budget", "None"),
     ("trsm", {"budget": True}, "budget", "True"),
+    ("random", {"budget": 0}, "budget", "0"),
+    ("random", {"seed": -1}, "seed", "-1"),
 ]
 
 
@@ -300,7 +302,7 @@ def test_invalid_settings_raise(name, settings, field, shown):
         parse_compression({"method": name, **settings})
 
 
-@pytest.mark.parametrize("name", ["prumerge", "prumerge_plus", "gprune", "trsm"])
+@pytest.mark.parametrize("name", ["prumerge", "prumerge_plus", "gprune", "trsm", "random"])
 def test_registry_round_trip(name):
     config = parse_compression({"method": name})
     assert isinstance(config, METHODS[name][0]) and config.method == name
@@ -361,3 +363,16 @@ def test_trsm_without_text_scores_ranks_by_feature_norm():
     no_question = CompressionInputs(**{**vars(inputs), "has_text": torch.zeros(3, dtype=torch.bool)})
     plan = plan_for("trsm", {"budget": 5}, vision_only)
     assert torch.equal(plan.source_index, plan_for("trsm", {"budget": 5}, no_question).source_index)
+
+
+def test_random_keeps_the_same_seeded_subset_for_every_image():
+    inputs = make_inputs(num_images=3, grid=(12, 12), seed=5)
+    plan = plan_for("random", {"budget": 20}, inputs)
+    assert all(torch.equal(plan.source_index[0], row) for row in plan.source_index)
+    alone = plan_for("random", {"budget": 20}, image_inputs(inputs, 2))
+    assert torch.equal(alone.source_index[0], plan.source_index[0])
+    other_seed = plan_for("random", {"budget": 20, "seed": 1}, inputs)
+    assert not torch.equal(other_seed.source_index, plan.source_index)
+    # Content-blind: different features, same subset.
+    shuffled = plan_for("random", {"budget": 20}, make_inputs(num_images=3, grid=(12, 12), seed=6))
+    assert torch.equal(shuffled.source_index, plan.source_index)

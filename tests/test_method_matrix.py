@@ -10,6 +10,7 @@ from tiny import IMAGE_TOKEN_ID, NUM_PATCHES, make_batch, tiny_rc_model, unpad_r
 
 # One row per method: its settings with a fixed budget, so the kept count is known in advance.
 METHOD_ROWS = {
+    "random": {"method": "random", "budget": 4},
     "cls_attention": {"method": "cls_attention", "budget": 5},
     "prumerge": {"method": "prumerge", "budget": 6},
     "prumerge_plus": {"method": "prumerge_plus", "budget": 0.5},
