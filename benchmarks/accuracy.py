@@ -1,0 +1,215 @@
+"""Accuracy vs kept visual tokens on easy-VQA test and mosaic test, for every registered method.
+
+Loads the shipped tiny LLaVA-RC (``llava_rc/checkpoints/llava-rc-easyvqa``) through ``from_pretrained(...,
+trust_remote_code=True)`` and answers each question with the first greedy token, with compression off, RC and
+PruMerge(+) at their adaptive counts, and every method (and a content-blind random selection) at fixed budgets.
+Writes ``benchmarks/results/accuracy.json`` and ``accuracy.png``; ``--update-readme`` regenerates the README table.
+
+    pip install -e ".[bench]"
+    python benchmarks/accuracy.py --update-readme            # ~10 min on 2 CPU cores
+    python benchmarks/accuracy.py --questions 200 --mosaics 50  # a quick look
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from llava_rc import METHODS, easyvqa
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "llava_rc" / "checkpoints" / "llava-rc-easyvqa"
+BUDGETS = (0.5, 0.25, 0.1, 0.05)
+TEXT_GUIDED = {"rc": {"guidance": "clip"}, "trsm": {"guidance": "clip"}}
+VISION_ONLY = ("cls_attention", "prumerge", "prumerge_plus")
+UNIQUE_OBJECT = "color_of_unique_shape"
+
+
+def settings_to_run() -> list[tuple[str, str, dict]]:
+    """(label, method, settings): compression off, the adaptive methods, then every method at every budget."""
+    runs = [
+        ("none", "none", {"method": "none"}),
+        ("rc", "rc", {"method": "rc", "guidance": "clip"}),
+        ("rc (vision only)", "rc", {"method": "rc", "guidance": None}),
+        ("prumerge", "prumerge", {"method": "prumerge"}),
+        ("prumerge_plus", "prumerge_plus", {"method": "prumerge_plus"}),
+    ]
+    for budget in BUDGETS:
+        for method in METHODS:
+            if method == "none":
+                continue
+            runs.append((f"{method}@{budget}", method, {"method": method, "budget": budget, **TEXT_GUIDED.get(method, {})}))
+    return runs
+
+
+def goals(rows: list[dict], num_patches: int) -> dict:
+    """The issue's goals, checked on the measured rows."""
+    fixed = [row for row in rows if row["budget"] is not None]
+    full = next(row for row in rows if row["method"] == "none")
+    checks = {}
+    for dataset in ("easy_vqa_test", "mosaic_test"):
+        for budget in BUDGETS:
+            at_budget = {row["method"]: row[dataset]["accuracy"] for row in fixed if row["budget"] == budget}
+            best_other = max(value for method, value in at_budget.items() if method != "rc")
+            checks[f"{dataset}: rc >= every other method at {budget:.0%}"] = {
+                "rc": at_budget["rc"],
+                "best_other": best_other,
+                "met": at_budget["rc"] >= best_other,
+            }
+            checks[f"{dataset}: rc above random at {budget:.0%} (by >= 5 points)"] = {
+                "rc": at_budget["rc"],
+                "random": at_budget["random"],
+                "met": at_budget["rc"] - at_budget["random"] >= 0.05,
+            }
+    # RC at <= 15% of the tokens keeps >= 95% of full-token accuracy on easy-VQA (adaptive RC and RC at 10%).
+    for row in rows:
+        if row["method"] == "rc" and row["label"] in ("rc", "rc@0.1"):
+            share = row["easy_vqa_test"]["kept_mean"] / num_patches
+            kept = row["easy_vqa_test"]["accuracy"] / full["easy_vqa_test"]["accuracy"]
+            checks[f"easy_vqa_test: {row['label']} keeps >= 95% of full accuracy at <= 15% tokens"] = {
+                "token_share": share,
+                "relative_accuracy": kept,
+                "met": share <= 0.15 and kept >= 0.95,
+            }
+    # Unique-object mosaic questions: text-guided beats vision-only at the same budget by >= 5 points.
+    for budget in BUDGETS:
+        by_method = {row["method"]: row["mosaic_test"]["per_kind"][UNIQUE_OBJECT] for row in fixed if row["budget"] == budget}
+        guided = min(by_method[method] for method in TEXT_GUIDED)
+        vision = max(by_method[method] for method in VISION_ONLY)
+        checks[f"mosaic {UNIQUE_OBJECT}: text-guided (rc, trsm) beat vision-only by >= 5 points at {budget:.0%}"] = {
+            "worst_text_guided": guided,
+            "best_vision_only": vision,
+            "met": guided - vision >= 0.05,
+        }
+    return checks
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = [
+        ("easy_vqa_test", "accuracy", "easy-VQA test"),
+        ("mosaic_test", "accuracy", "mosaic test"),
+        ("mosaic_test", UNIQUE_OBJECT, "mosaic: color of the unique shape"),
+    ]
+    full = next(row for row in result["rows"] if row["method"] == "none")
+    for axis, (dataset, metric, title) in zip(axes, panels):
+        def value(row):
+            return row[dataset]["accuracy"] if metric == "accuracy" else row[dataset]["per_kind"][metric]
+
+        for method in [m for m in METHODS if m != "none"]:
+            points = sorted(
+                (row[dataset]["kept_mean"], value(row))
+                for row in result["rows"]
+                if row["method"] == method and row["budget"] is not None
+            )
+            line = axis.plot(*zip(*points), marker="o", label=method)[0]
+            for row in result["rows"]:
+                if row["method"] == method and row["budget"] is None:
+                    axis.scatter(row[dataset]["kept_mean"], value(row), marker="*", s=160, color=line.get_color())
+        axis.axhline(value(full), color="black", linestyle="--", label="all tokens")
+        axis.set_xscale("log")
+        axis.set_xlabel("mean visual tokens per image (stars: adaptive count)")
+        axis.set_ylabel("accuracy")
+        axis.set_title(title)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def update_readme(result: dict) -> None:
+    """Regenerate the README accuracy table between the markers from a result."""
+    num_patches = result["num_patches"]
+    lines = [
+        f"Shipped tiny LLaVA-RC ({num_patches} patch tokens per image), {result['questions']['easy_vqa_test']} easy-VQA "
+        f"test and {result['questions']['mosaic_test']} mosaic test questions, first greedy token, torch "
+        f"{result['torch']}, transformers {result['transformers']} (`benchmarks/results/accuracy.json`, "
+        "`accuracy.png`). Tokens: mean kept per image on easy-VQA / mosaics.",
+        "",
+        f"| setting | tokens | easy-VQA | mosaic | mosaic: {UNIQUE_OBJECT.replace('_', ' ')} |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['label']} | {row['easy_vqa_test']['kept_mean']:.1f} / {row['mosaic_test']['kept_mean']:.1f} | "
+            f"{row['easy_vqa_test']['accuracy']:.1%} | {row['mosaic_test']['accuracy']:.1%} | "
+            f"{row['mosaic_test']['per_kind'][UNIQUE_OBJECT]:.1%} |"
+        )
+    lines += ["", "Goals:", ""]
+    for name, check in result["goals"].items():
+        detail = ", ".join(f"{key} {value:.3f}" for key, value in check.items() if key != "met")
+        lines.append(f"- {'met' if check['met'] else '**missed**'}: {name} ({detail})")
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    readme.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--questions", type=int, default=2000, help="easy-VQA test questions (seeded sample)")
+    parser.add_argument("--mosaics", type=int, default=500, help="test mosaics (about 3.7 questions each)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+
+    model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(args.checkpoint, trust_remote_code=True)
+    (singles, single_examples), (mosaics, mosaic_examples) = easyvqa.test_examples(
+        args.questions, args.mosaics, args.seed
+    )
+    datasets = {
+        "easy_vqa_test": easyvqa.prepare_batches(processor, singles, single_examples, args.batch_size),
+        "mosaic_test": easyvqa.prepare_batches(processor, mosaics, mosaic_examples, args.batch_size),
+    }
+    rows = []
+    for label, method, settings in settings_to_run():
+        started = time.perf_counter()
+        row = {"label": label, "method": method, "budget": settings.get("budget"), "settings": settings}
+        for name, batches in datasets.items():
+            row[name] = easyvqa.evaluate(model, processor, batches, settings)
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        print(
+            f"{label:24s} tokens {row['easy_vqa_test']['kept_mean']:6.1f} / {row['mosaic_test']['kept_mean']:6.1f}  "
+            f"easy-VQA {row['easy_vqa_test']['accuracy']:.3f}  mosaic {row['mosaic_test']['accuracy']:.3f}  "
+            f"unique {row['mosaic_test']['per_kind'][UNIQUE_OBJECT]:.3f}  ({row['seconds']:.0f} s)",
+            flush=True,
+        )
+    num_patches = model.config.image_seq_length
+    result = {
+        "checkpoint": str(args.checkpoint.relative_to(ROOT)) if args.checkpoint.is_relative_to(ROOT) else str(args.checkpoint),
+        "num_patches": num_patches,
+        "questions": {name: sum(len(batch.answers) for batch in batches) for name, batches in datasets.items()},
+        "seed": args.seed,
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "rows": rows,
+    }
+    result["goals"] = goals(rows, num_patches)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.output_dir / "accuracy.png")
+    for name, check in result["goals"].items():
+        print(("met     " if check["met"] else "MISSED  ") + name)
+    if args.update_readme:
+        update_readme(result)
+
+
+if __name__ == "__main__":
+    main()
