@@ -529,7 +529,7 @@ class CompressedGenerationMixin:
         """Per-group (image indices, tokens, plan, absorbed) -> one (I, K, ...) batch padded to the largest K, M."""
         max_slots = max(tokens.shape[1] for _, tokens, _, _ in results)
         max_patches = max(absorbed.shape[-1] for _, _, _, absorbed in results)
-        _, first_tokens, first_plan, first_absorbed = results[0]
+        _, first_tokens, first_plan, _ = results[0]
         device = first_tokens.device
         tokens = first_tokens.new_zeros(num_images, max_slots, first_tokens.shape[-1])  # (I, K, D)
         source = torch.full((num_images, max_slots), -1, dtype=torch.long, device=device)  # (I, K)
@@ -725,9 +725,9 @@ class CompressedGenerationMixin:
 
 
 __all__ = [
+    "NEWLINE",
     "CompressedGenerationMixin",
     "CompressionReport",
     "ImageLayout",
     "LlavaRCCausalLMOutputWithPast",
-    "NEWLINE",
 ]
