@@ -1,32 +1,40 @@
-"""llava-rc: training-free visual-token compression for LLaVA models, loadable from the Hub with one line."""
+"""llava-rc: training-free visual-token compression for LLaVA and LLaVA-NeXT models, loadable from the Hub."""
 
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan
 from .compression_registry import METHODS, parse_compression
-from .configuration_llava_rc import LlavaRCConfig
-from .modeling_llava_rc import CompressionReport, LlavaRCCausalLMOutputWithPast, LlavaRCForConditionalGeneration
+from .configuration_llava_rc import LlavaNextRCConfig, LlavaRCConfig
+from .modeling_llava_rc import CompressionReport, LlavaNextRCForConditionalGeneration, LlavaRCCausalLMOutputWithPast
+from .modeling_llava_rc import LlavaRCForConditionalGeneration, anyres_token_counts
 from .processing_llava_rc import LlavaRCProcessor
 
 __version__ = "0.1.0"
 
-# Local use: the Auto classes resolve model_type "llava_rc" without remote code.
-AutoConfig.register(LlavaRCConfig.model_type, LlavaRCConfig, exist_ok=True)
-AutoModelForImageTextToText.register(LlavaRCConfig, LlavaRCForConditionalGeneration, exist_ok=True)
-# Hub use: save_pretrained writes auto_map and copies the model code next to the weights.
-LlavaRCConfig.register_for_auto_class()
-LlavaRCForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+for config_class, model_class in (
+    (LlavaRCConfig, LlavaRCForConditionalGeneration),
+    (LlavaNextRCConfig, LlavaNextRCForConditionalGeneration),
+):
+    # Local use: the Auto classes resolve model_type "llava_rc" / "llava_next_rc" without remote code.
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+    # Hub use: save_pretrained writes auto_map and copies the model code next to the weights.
+    config_class.register_for_auto_class()
+    model_class.register_for_auto_class("AutoModelForImageTextToText")
 LlavaRCProcessor.register_for_auto_class()
 
 __all__ = [
     "METHODS",
     "CompressionInputs",
     "CompressionReport",
+    "LlavaNextRCConfig",
+    "LlavaNextRCForConditionalGeneration",
     "LlavaRCCausalLMOutputWithPast",
     "LlavaRCConfig",
     "LlavaRCForConditionalGeneration",
     "LlavaRCProcessor",
     "MethodConfig",
     "TokenPlan",
+    "anyres_token_counts",
     "parse_compression",
 ]

@@ -7,6 +7,12 @@ that the decision is computed once under ``no_grad`` and gradients still flow th
 
 Shapes: ``I`` images in the batch, ``N`` patches per image, ``K`` output tokens per image (padded to the largest
 count in the batch), ``C`` feature width, ``A`` width of the attention layer's q/k projections.
+
+Multi-crop images (LLaVA-NeXT anyres): the N tokens of an image are the concatenation of several raster-ordered
+*views* (``CompressionInputs.views``: the base view, then the unpadded high-resolution grid), newline tokens
+excluded. Such tokens come from several vision-encoder crops, each with its own [CLS], so there is no single
+[CLS] query per image: the model then passes the [CLS] attention precomputed per crop (``attention_per_head``,
+``attention_joint``) and the patch keys (``keys``) instead of ``cls_query``/``attention_keys``.
 """
 
 import math
@@ -29,7 +35,14 @@ class CompressionInputs:
         [-1, 1]), or None when the method does not ask for text guidance.
     guidance_dim: width of the space the cosine was taken in (RC scales scores by 1 / sqrt(guidance_dim)).
     has_text: (I,) bool, False where the prompt has no question (the method must then act vision-only).
-    grid: (rows, cols) of the patch grid, rows * cols == N.
+    grid: (rows, cols) of the patch grid, rows * cols == N (single-view images).
+    views: ((rows, cols), ...) when the N tokens are several raster-ordered views one after another (LLaVA-NeXT:
+        base view, then the unpadded high-resolution grid), sum of rows * cols == N; None = the one view ``grid``.
+    attention_per_head, attention_joint: (I, N) float32 [CLS] attention computed by the model, as
+        ``cls_attention(..., per_head=True)`` and ``(..., per_head=False)`` return it; for multi-crop images each
+        token's attention comes from its own crop's [CLS] (softmax over that crop). None: computed from
+        ``cls_query``/``attention_keys``.
+    keys: (I, N, A) patch keys when ``attention_keys`` is not given (multi-crop images).
     """
 
     features: torch.Tensor
@@ -40,6 +53,10 @@ class CompressionInputs:
     guidance_dim: int = 1
     has_text: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
+    views: tuple[tuple[int, int], ...] | None = None
+    attention_per_head: torch.Tensor | None = None
+    attention_joint: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -52,7 +69,12 @@ class CompressionInputs:
     @property
     def patch_keys(self) -> torch.Tensor:
         """(I, N, A) key projections of the patches (without [CLS])."""
-        return self.attention_keys[:, 1:]
+        return self.keys if self.keys is not None else self.attention_keys[:, 1:]
+
+    @property
+    def view_grids(self) -> tuple[tuple[int, int], ...]:
+        """The (rows, cols) of each view, in token order: ``views``, or the single ``grid``."""
+        return self.views if self.views is not None else (self.grid,)
 
 
 @dataclass
@@ -108,8 +130,12 @@ def cls_attention(inputs: CompressionInputs, per_head: bool = True) -> torch.Ten
 
     per_head=True: softmax per head, then the mean over heads (the layer's own attention, as FasterVLM reads it).
     per_head=False: a single softmax over all heads concatenated, scaled by sqrt(A) (as RC's released code does).
-    The softmax runs over [CLS] and the patches; the [CLS] column is dropped afterwards.
+    The softmax runs over [CLS] and the patches; the [CLS] column is dropped afterwards. When the model precomputed
+    the attention (``inputs.attention_per_head``/``attention_joint``, multi-crop images), that is returned.
     """
+    precomputed = inputs.attention_per_head if per_head else inputs.attention_joint
+    if precomputed is not None:
+        return precomputed.float()
     query = inputs.cls_query.float()  # (I, A)
     keys = inputs.attention_keys.float()  # (I, 1 + N, A)
     if per_head:
@@ -131,12 +157,16 @@ def select_plan(scores: torch.Tensor, count: int) -> TokenPlan:
     scores: (I, N) float; count: tokens kept per image (a fixed budget, known on the host: no sync). Ties are
     broken towards the lower patch index, so the result is deterministic and does not depend on the other images.
     """
+    # Mark the chosen patches, then read them back in raster order.
+    return plan_from_mask(select_mask(scores, count), count)
+
+
+def select_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """(I, N) bool marking the ``count`` highest-scoring patches of every image (ties: lower index first)."""
     num_images, num_patches = scores.shape
     order = stable_descending_order(scores)  # (I, N)
     rank_valid = (torch.arange(num_patches, device=scores.device) < count).expand(num_images, num_patches)
-    # Mark the chosen patches, then read them back in raster order.
-    chosen = torch.zeros_like(rank_valid).scatter(1, order, rank_valid)  # (I, N) bool
-    return plan_from_mask(chosen, count)
+    return torch.zeros_like(rank_valid).scatter(1, order, rank_valid)  # (I, N) bool
 
 
 def stable_descending_order(scores: torch.Tensor) -> torch.Tensor:

@@ -11,16 +11,24 @@ Steps, on each image's projected tokens F (N, D):
 5. Keep the top ``keep_ratio`` (0.5 in the released code) in their original order. No merging.
 
 Budget: ``budget``, when set, overrides ``keep_ratio`` (which is then ignored); either way the count per image is
-exactly ``resolve_budget(..., N)``. For LLaVA-NeXT the paper builds separate graphs for the base view and the
-high-resolution grid and always keeps the row-end newline tokens; this function scores the one graph it is given.
+exactly ``resolve_budget(..., N)`` for a single-view image.
+
+LLaVA-NeXT (anyres), as the paper runs it: one graph per view (``inputs.views``: the base view, then the unpadded
+high-resolution grid; newline tokens are in no graph, the model keeps all of them), each view ranked on its own
+graph. A ratio (``keep_ratio`` or a float ``budget``) applies to each graph: ``resolve_budget(ratio, n_v)`` tokens
+of view ``v``. An int ``budget`` B is one count per image, ``T = resolve_budget(B, N)``, split over the views in
+proportion to their sizes by cumulative floors (view ``v`` gets ``floor(T * S_v / N) - floor(T * S_{v-1} / N)``,
+``S_v`` the tokens of views ``0..v``), so the counts sum to ``T``. Kept tokens come out in view order, raster order
+within a view. (The paper also keeps the original position ids; here positions are renumbered over the shortened
+sequence, as for every other method.)
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from .compression_common import CompressionInputs, MethodConfig, TokenPlan, check_range, resolve_budget, select_plan
-from .compression_common import validate_budget
+from .compression_common import CompressionInputs, MethodConfig, TokenPlan, check_range, plan_from_mask, resolve_budget
+from .compression_common import select_mask, select_plan, validate_budget
 
 
 @dataclass(frozen=True)
@@ -61,14 +69,35 @@ class GPruneConfig(MethodConfig):
 def compress_gprune(inputs: CompressionInputs, config: GPruneConfig) -> TokenPlan:
     """Plan keeping the tokens with the highest propagated-norm-per-degree score.
 
-    inputs.features: (I, N, D) projected tokens.
-    Returns a selection plan with K = resolve_budget(budget or keep_ratio, N) tokens per image, in original order.
+    inputs.features: (I, N, D) projected tokens; inputs.views: one graph per view (None: one graph).
+    Returns a selection plan with K = resolve_budget(budget or keep_ratio, N) tokens per image for one view (the
+    per-view counts of the module docstring for several), in original order.
     """
-    scores = graph_scores(inputs.features, config.similarity_threshold, config.temperature, config.steps)  # (I, N)
-    # keep_ratio is always a ratio, even when written as the int 1.
+    if inputs.views is None:
+        scores = graph_scores(inputs.features, config.similarity_threshold, config.temperature, config.steps)
+        # keep_ratio is always a ratio, even when written as the int 1.
+        budget = float(config.keep_ratio) if config.budget is None else config.budget
+        return select_plan(scores, resolve_budget(budget, inputs.num_patches))
+    sizes = [rows * cols for rows, cols in inputs.views]
+    if sum(sizes) != inputs.num_patches:
+        raise ValueError(f"gprune: views {inputs.views} hold {sum(sizes)} tokens, the features {inputs.num_patches}")
+    counts = view_counts(config, sizes)
+    chosen = []
+    for view_features, count in zip(inputs.features.split(sizes, dim=1), counts):  # one graph per view
+        scores = graph_scores(view_features, config.similarity_threshold, config.temperature, config.steps)
+        chosen.append(select_mask(scores, count))  # (I, n_v)
+    return plan_from_mask(torch.cat(chosen, dim=1), sum(counts))
+
+
+def view_counts(config: GPruneConfig, sizes: list[int]) -> list[int]:
+    """Tokens kept in each view (see the module docstring): a ratio per graph, an int count split by view size."""
     budget = float(config.keep_ratio) if config.budget is None else config.budget
-    keep = resolve_budget(budget, inputs.num_patches)
-    return select_plan(scores, keep)
+    if isinstance(budget, float):
+        return [resolve_budget(budget, size) for size in sizes]
+    total_size = sum(sizes)
+    total = resolve_budget(budget, total_size)
+    ends = [total * sum(sizes[: index + 1]) // total_size for index in range(len(sizes))]
+    return [end - start for start, end in zip([0, *ends[:-1]], ends)]
 
 
 def graph_scores(features: torch.Tensor, threshold: float, temperature: float, steps: int) -> torch.Tensor:

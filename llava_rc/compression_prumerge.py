@@ -14,6 +14,10 @@ Steps (PruMerge):
    token (the attention-weighted sum of the pruned patches). Normalised weights keep the merged token on the
    feature scale the projector was trained on; the extra token is not produced.
 
+On LLaVA-NeXT (anyres) the image's tokens are its base view and high-resolution grid (``inputs.views``): the
+[CLS] attention is each crop's own (precomputed by the model), outliers are taken over the whole image, and
+PruMerge+ lays one lattice on each view.
+
 PruMerge+ adds spatially uniform samples to the outliers: a lattice on the patch grid with about
 ``uniform_ratio * N`` points (cell centres of ``round(rows * sqrt(uniform_ratio))`` x
 ``round(cols * sqrt(uniform_ratio))`` cells, so the stride along each axis is about ``1 / sqrt(uniform_ratio)``).
@@ -104,12 +108,18 @@ def compress_prumerge_plus(inputs: CompressionInputs, config: PruMergePlusConfig
     """Plan keeping the IQR outliers plus a uniform lattice on the patch grid, each merged with its neighbours.
 
     inputs.features: (I, N, C); inputs.cls_query (I, A); inputs.attention_keys (I, 1 + N, A); inputs.grid
-    (rows, cols) with rows * cols == N.
+    (rows, cols) with rows * cols == N, or inputs.views (one lattice per view).
     Returns a merging plan as ``compress_prumerge`` does; with ``budget`` set, exactly ``resolve_budget(budget, N)``
     tokens per image (the outlier-and-lattice set trimmed or filled by attention).
     """
     attention = cls_attention(inputs, per_head=True)  # (I, N)
-    lattice = uniform_lattice(inputs.grid, inputs.num_patches, config.uniform_ratio, attention.device)  # (N,)
+    # One lattice per view (LLaVA-NeXT: the base view and the high-resolution grid), in token order.
+    lattices = [uniform_lattice(grid, view_size(grid, inputs), config.uniform_ratio, attention.device)
+                for grid in inputs.view_grids]
+    lattice = torch.cat(lattices)  # (N,)
+    if lattice.shape[0] != inputs.num_patches:
+        raise ValueError(f"prumerge_plus: views {inputs.view_grids} hold {lattice.shape[0]} tokens, the features "
+                         f"{inputs.num_patches}")
     chosen = iqr_outliers(attention) | lattice  # (I, N)
     if config.budget is None:
         plan = plan_from_mask(chosen)
@@ -132,6 +142,11 @@ def iqr_outliers(attention: torch.Tensor) -> torch.Tensor:
     outliers = attention > third + 1.5 * (third - first)  # (I, N)
     top = attention.argmax(dim=-1, keepdim=True)  # (I, 1), the first maximum: ties go to the lower index
     return outliers.scatter(1, top, True)
+
+
+def view_size(grid: tuple[int, int] | None, inputs: CompressionInputs) -> int:
+    """Tokens of one view: rows * cols, or all N without a grid (``uniform_lattice`` then raises)."""
+    return grid[0] * grid[1] if grid is not None else inputs.num_patches
 
 
 def uniform_lattice(grid: tuple[int, int] | None, num_patches: int, ratio: float, device) -> torch.Tensor:

@@ -1,9 +1,13 @@
-"""Convert a stock LLaVA checkpoint into a LLaVA-RC Hub repo (remote code), verify it, then save and/or push it.
+"""Convert a stock LLaVA or LLaVA-NeXT checkpoint into a LLaVA-RC Hub repo (remote code), verify it, save/push it.
 
 Console script ``llava-rc-upload`` (also ``python -m llava_rc.hub_upload``)::
 
     llava-rc-upload --base llava-hf/llava-1.5-7b-hf --method cls_attention --set budget=64 \\
         --output-dir ./llava-1.5-7b-rc --repo-id my-org/llava-1.5-7b-rc
+    llava-rc-upload --base llava-hf/llava-v1.6-mistral-7b-hf --method gprune --output-dir ./llava-v1.6-mistral-7b-rc
+
+A ``llava`` base becomes ``LlavaRCForConditionalGeneration`` (model_type ``llava_rc``), a ``llava_next`` base
+``LlavaNextRCForConditionalGeneration`` (``llava_next_rc``); ``auto_map`` names the matching classes.
 
 Every cheap check (arguments, compression settings, base config, output dir, credentials) runs before any weights
 are loaded. The repo is written to a temporary directory next to the destination and loaded back in a fresh
@@ -27,8 +31,10 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
+from transformers import LlavaNextForConditionalGeneration
 
-from . import LlavaRCConfig, LlavaRCForConditionalGeneration, LlavaRCProcessor, parse_compression
+from . import LlavaNextRCConfig, LlavaNextRCForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration
+from . import LlavaRCProcessor, parse_compression
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 UPLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.md", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -37,6 +43,18 @@ VERIFY_MAX_NEW_TOKENS = 8
 # Used for the "compression on" check when the repo's own setting is "none".
 VERIFY_COMPRESSION_ON = {"method": "cls_attention", "budget": 0.5}
 TOTAL_STEPS = 5
+BASE_MODEL_TYPES = ("llava", "llava_next")
+
+
+def family(model_type: str) -> tuple:
+    """(stock class, RC config class, RC model class) of a base's model_type; the stock class maps old key layouts.
+
+    Looked up at call time (not a module-level table), so that the names can be replaced in tests.
+    """
+    return {
+        "llava": (LlavaForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration),
+        "llava_next": (LlavaNextForConditionalGeneration, LlavaNextRCConfig, LlavaNextRCForConditionalGeneration),
+    }[model_type]
 
 RC_CITATION = """@article{chen2024recoverable,
   title   = {Recoverable Compression: A Multimodal Vision Token Recovery Mechanism Guided by Text Information},
@@ -105,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llava-rc-upload",
         description="Turn a stock LLaVA checkpoint into a LLaVA-RC repo (trust_remote_code), verify it, save/push it.",
     )
-    parser.add_argument("--base", required=True, help="llava-hf repo id or local directory of a stock LLaVA model")
+    parser.add_argument(
+        "--base",
+        required=True,
+        help="llava-hf repo id or local directory of a stock LLaVA or LLaVA-NeXT model "
+        "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, ...)",
+    )
     parser.add_argument(
         "--method",
         default=LlavaRCConfig().compression["method"],
@@ -174,9 +197,10 @@ def check_base_config(base: str):
         config = AutoConfig.from_pretrained(base)
     except Exception as error:  # noqa: BLE001 - any failure here means the base cannot be used
         raise SystemExit(f"cannot read the config of --base {base!r}: {error}") from error
-    if config.model_type != "llava":
+    if config.model_type not in BASE_MODEL_TYPES:
         raise SystemExit(
-            f"--base {base!r} has model_type {config.model_type!r}; expected a stock LLaVA checkpoint ('llava')"
+            f"--base {base!r} has model_type {config.model_type!r}; expected a stock LLaVA or LLaVA-NeXT checkpoint "
+            f"({' or '.join(repr(name) for name in BASE_MODEL_TYPES)})"
         )
     return config
 
@@ -261,10 +285,11 @@ Base model: {base_link}; please also cite the work in its model card.
 """
 
 
-def load_and_convert(base: str, dtype, compression: dict, clip: str | None = None):
+def load_and_convert(base: str, dtype, compression: dict, clip: str | None = None, model_type: str = "llava"):
     """The stock model (it maps old key layouts), and the RC subclass holding exactly its weights (plus, with
-    ``clip``, CLIP's text tower and projections for "clip" guidance)."""
-    stock = LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype).eval()
+    ``clip``, CLIP's text tower and projections for "clip" guidance). model_type: the base's (BASE_MODEL_TYPES)."""
+    stock_class, config_class, model_class = family(model_type)
+    stock = stock_class.from_pretrained(base, dtype=dtype).eval()
     config_dict = {key: value for key, value in stock.config.to_dict().items() if key != "model_type"}
     state_dict = stock.state_dict()
     buffers = dict(stock.named_buffers())
@@ -279,10 +304,10 @@ def load_and_convert(base: str, dtype, compression: dict, clip: str | None = Non
             buffers[f"guidance_text_model.{name}"] = buffer
         state_dict["guidance_text_projection.weight"] = clip_model.text_projection.weight
         state_dict["guidance_visual_projection.weight"] = clip_model.visual_projection.weight
-    config = LlavaRCConfig(**config_dict, compression=compression)
+    config = config_class(**config_dict, compression=compression)
     # Built on the meta device and filled by assignment: no second random initialisation of a multi-GB model.
     with torch.device("meta"):
-        model = LlavaRCForConditionalGeneration(config)
+        model = model_class(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
     for name, buffer in buffers.items():  # non-persistent buffers are not in the state dict
         module_name, _, leaf = name.rpartition(".")
@@ -315,7 +340,7 @@ def write_repo(directory: Path, model, processor, card: str) -> None:
         raise SystemExit(f"the written repo lacks auto_map or code files {missing}: llava_rc registration failed")
 
 
-def verify_repo(directory: Path, stock, processor, compression: dict) -> None:
+def verify_repo(directory: Path, stock, processor, compression: dict, model_type: str = "llava_rc") -> None:
     """Load ``directory`` through remote code in a fresh interpreter and compare with the stock model's output."""
     image_token = processor.image_token
     prompt = f"USER: {image_token}\nWhat is shown? ASSISTANT:"
@@ -346,8 +371,8 @@ def verify_repo(directory: Path, stock, processor, compression: dict) -> None:
         )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     problems = []
-    if report["model_type"] != "llava_rc" or not report["module"].startswith("transformers_modules"):
-        problems.append(f"loaded {report['model_type']!r} from {report['module']!r}, expected remote-code llava_rc")
+    if report["model_type"] != model_type or not report["module"].startswith("transformers_modules"):
+        problems.append(f"loaded {report['model_type']!r} from {report['module']!r}, expected remote-code {model_type}")
     if not report["inputs_equal"]:
         problems.append("the saved processor tokenises the test prompt differently from the base processor")
     if not report["off_equal"]:
@@ -401,16 +426,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--repo-id {args.repo_id!r} needs Hub credentials: run `hf auth login` or set HF_TOKEN")
     base_config = check_base_config(args.base)
     if args.clip is not None:
+        if base_config.model_type != "llava":
+            raise SystemExit(
+                f"--clip is supported for LLaVA-1.5 bases only (its processor adds CLIP's tokenizer); --base "
+                f"{args.base!r} is {base_config.model_type!r}: leave --clip out ('llm' guidance)"
+            )
         check_clip_config(args.clip, base_config)
+    config_class = family(base_config.model_type)[1]
 
     log(1, f"loading base {args.base} (dtype {args.dtype}) ...")
     dtype = DTYPES[args.dtype]
     processor = AutoProcessor.from_pretrained(args.base)
     if args.clip is not None:
         processor = with_guidance_tokenizer(processor, AutoTokenizer.from_pretrained(args.clip))
-    stock, model = load_and_convert(args.base, dtype, compression, args.clip)
+    stock, model = load_and_convert(args.base, dtype, compression, args.clip, base_config.model_type)
 
-    log(2, f"built LlavaRCForConditionalGeneration with compression {compression}")
+    log(2, f"built {type(model).__name__} with compression {compression}")
     parent = destination.parent if destination is not None else None
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
@@ -422,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
 
         log(4, "verifying the repo in a fresh process through remote code ...")
-        verify_repo(staging, stock, processor, compression)
+        verify_repo(staging, stock, processor, compression, config_class.model_type)
 
         folder = staging
         if destination is not None:

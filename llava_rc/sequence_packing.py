@@ -1,8 +1,9 @@
 """Rebuild a batch of token sequences after each image's placeholder run has been shortened.
 
-The LLaVA processor expands every ``<image>`` into a run of N placeholder tokens. After compression image ``j``
-keeps ``counts[j]`` tokens, so each row loses ``N - counts[j]`` placeholders per image and the batch is re-padded.
-Everything here is a pure tensor function: no loops over rows or tokens, one host sync (the new length).
+The LLaVA processor expands every ``<image>`` into a run of placeholder tokens: N for every image (LLaVA-1.5), or a
+count of its own per image (LLaVA-NeXT anyres, where it depends on the image size). After compression image ``j``
+keeps ``counts[j]`` tokens, so its run loses the rest and the batch is re-padded. Everything here is a pure tensor
+function: no loops over rows or tokens, one host sync (the new length).
 """
 
 from dataclasses import dataclass
@@ -33,15 +34,26 @@ class PackedSequence:
     labels: torch.Tensor | None = None
 
 
-def image_token_layout(is_image: torch.Tensor, tokens_per_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+def image_token_layout(
+    is_image: torch.Tensor, tokens_per_image: int | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For every position, the image it belongs to and its offset inside that image's placeholder run.
 
     is_image: (B, L) bool. Images are numbered in reading order over the batch (row by row), which is the order of
-    ``pixel_values``. Returns (image_index, offset), both (B, L) long, meaningful where ``is_image``.
+    ``pixel_values``. tokens_per_image: the run length, one int for every image or (I,) long, one per image.
+    Returns (image_index, offset), both (B, L) long, meaningful where ``is_image``.
     """
     ordinal = is_image.flatten().long().cumsum(0).view_as(is_image) - 1  # (B, L) running count of placeholders
     ordinal = ordinal.clamp(min=0)
-    return ordinal // tokens_per_image, ordinal % tokens_per_image
+    if isinstance(tokens_per_image, int):
+        return ordinal // tokens_per_image, ordinal % tokens_per_image
+    if tokens_per_image.numel() == 0:
+        return torch.zeros_like(ordinal), ordinal
+    run_ends = tokens_per_image.to(ordinal.device).cumsum(0)  # (I,) exclusive end of each image's run
+    # The image of a placeholder is the number of runs that end at or before it.
+    image_index = torch.searchsorted(run_ends, ordinal, right=True).clamp(max=run_ends.shape[0] - 1)  # (B, L)
+    run_starts = run_ends - tokens_per_image.to(ordinal.device)  # (I,)
+    return image_index, ordinal - run_starts[image_index]
 
 
 def pack_sequences(
@@ -49,7 +61,7 @@ def pack_sequences(
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
     image_token_id: int,
-    tokens_per_image: int,
+    tokens_per_image: int | torch.Tensor,
     kept_counts: torch.Tensor,
     slots_per_image: int,
     pad_token_id: int,
@@ -58,6 +70,7 @@ def pack_sequences(
     """Drop each image's placeholders past its kept count, drop padding, and re-pad the batch.
 
     input_ids: (B, L); attention_mask: (B, L) or None (no padding); labels: (B, L) or None.
+    tokens_per_image: each image's placeholder run length, an int for all or (I,) long (see ``image_token_layout``).
     kept_counts: (I,) tokens kept per image, I = the number of images in the batch.
     slots_per_image: K, the stride of the flattened (I * K) compressed image tokens.
     pad_left: re-pad on the left (generation) or on the right.
