@@ -169,7 +169,7 @@ def main() -> None:
 
     model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.checkpoint, trust_remote_code=True)
-    (singles, single_examples), (mosaics, mosaic_examples) = easyvqa.test_examples(
+    (singles, single_examples), (mosaics, mosaic_examples) = easyvqa.evaluation_sets(
         args.questions, args.mosaics, args.seed
     )
     datasets = {

@@ -1,120 +1,135 @@
-"""The main job: build a small LLaVA-RC model and generate with compression off and on.
+"""The main job: the shipped tiny LLaVA-RC answers questions about bundled scenes, with compression off and on.
 
-Run ``python -m llava_rc`` (or ``llava-rc-demo``). Prints, for every registered method, the tokens each image
-kept, the prompt length the language model read, and the median generate time against compression off.
-The model has random weights (no download is possible here), so the answers themselves are noise; the kept
-counts and times are real.
+Run ``python -m llava_rc``. The model (``llava_rc/checkpoints/llava-rc-easyvqa``, trained by
+``python -m llava_rc.train_easyvqa`` on easy-VQA) is loaded the way users load a Hub repo,
+``AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)``. For every bundled scene (easy-VQA
+test images and 2x2 test mosaics, ``llava_rc/samples``) and question it prints the answer with all visual tokens and
+with the model's compression (RC with CLIP guidance), the tokens kept per image and the generate times, and writes
+one PNG per scene overlaying, for each question, which patches were kept, recovered by the question and merged.
 """
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from .compression_registry import METHODS
-from .configuration_llava_rc import LlavaRCConfig
-from .modeling_llava_rc import LlavaRCForConditionalGeneration
-
-# Scaled-down LLaVA-1.5 geometry: CLIP ViT (patch 14) on 224 px -> 256 patches, a small Llama language model.
-DEMO_IMAGE_SIZE = 224
-DEMO_PATCH_SIZE = 14
-DEMO_IMAGE_TOKEN_ID = 3
-
-
-def demo_config(compression: dict | None = None) -> LlavaRCConfig:
-    """A CPU-sized LLaVA-RC configuration (random weights)."""
-    num_patches = (DEMO_IMAGE_SIZE // DEMO_PATCH_SIZE) ** 2
-    return LlavaRCConfig(
-        vision_config=dict(
-            model_type="clip_vision_model",
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=6,
-            num_attention_heads=8,
-            image_size=DEMO_IMAGE_SIZE,
-            patch_size=DEMO_PATCH_SIZE,
-            projection_dim=128,
-        ),
-        text_config=dict(
-            model_type="llama",
-            hidden_size=512,
-            intermediate_size=1536,
-            num_hidden_layers=8,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            vocab_size=1024,
-            max_position_embeddings=2048,
-            pad_token_id=0,
-        ),
-        image_token_index=DEMO_IMAGE_TOKEN_ID,
-        image_seq_length=num_patches,
-        compression=compression,
-    )
+PACKAGE = Path(__file__).resolve().parent
+CHECKPOINT = PACKAGE / "checkpoints" / "llava-rc-easyvqa"
+SAMPLES = PACKAGE / "samples"
+PROMPT = "USER: <image>\n{question} ASSISTANT:"
+PANEL = 252  # pixels per overlay panel
+# Overlay colours (RGBA): kept as is, recovered by the question (kept only because of it), merged into another token.
+KEPT, RECOVERED, MERGED = (46, 204, 64, 150), (255, 133, 27, 170), (0, 116, 217, 90)
 
 
-def demo_inputs(batch_size: int, num_patches: int, seed: int = 0) -> dict:
-    """Left-padded prompts of different lengths, one image each."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for row in range(batch_size):
-        question = torch.randint(10, 1000, (8 + 3 * row,), generator=generator)
-        rows.append(torch.cat([question[:2], torch.full((num_patches,), DEMO_IMAGE_TOKEN_ID), question[2:]]))
-    width = max(len(row) for row in rows)
-    input_ids = torch.zeros((batch_size, width), dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for index, row in enumerate(rows):
-        input_ids[index, width - len(row) :] = row
-        attention_mask[index, width - len(row) :] = 1
-    pixel_values = torch.randn((batch_size, 3, DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), generator=generator)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
-
-
-def timed_generate(model, inputs: dict, compression: dict, max_new_tokens: int, repeats: int):
-    """Median seconds of ``repeats`` greedy generate calls (after one warm-up) and the last output."""
+def timed_generate(model, inputs: dict, compression: dict | None, repeats: int, max_new_tokens: int = 4):
+    """Median seconds of ``repeats`` greedy generate calls (after a warm-up) and the last output."""
     settings = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
     output = model.generate(**inputs, compression=compression, **settings)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        started = time.perf_counter()
         output = model.generate(**inputs, compression=compression, **settings)
-        times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - started)
     return statistics.median(times), output
 
 
-def method_settings() -> list[dict]:
-    """Every registered method at its default settings ("none" first, the baseline)."""
-    return [config_class().to_dict() for config_class, _ in METHODS.values()]
+def answer_text(processor, output, prompt_length: int) -> str:
+    return processor.tokenizer.decode(output.sequences[0, prompt_length:], skip_special_tokens=True).strip()
+
+
+def patch_roles(report, vision_only_report, num_patches: int) -> dict[str, set[int]]:
+    """Which patches the language model reads as themselves ("kept"), which of those only the question brought back
+    ("recovered": kept with the question, not in the same method's vision-only run) and which were folded into
+    another token ("merged")."""
+    absorbed = report.absorbed[0]  # (K, N) bool
+    sizes = absorbed.sum(dim=-1)  # (K,)
+    kept = {int(index) for index, size in zip(report.source_index[0].tolist(), sizes.tolist()) if size == 1 and index >= 0}
+    merged = set(absorbed[sizes > 1].any(dim=0).nonzero().flatten().tolist()) - kept
+    vision_sizes = vision_only_report.absorbed[0].sum(dim=-1)
+    vision_kept = {
+        int(index)
+        for index, size in zip(vision_only_report.source_index[0].tolist(), vision_sizes.tolist())
+        if size == 1 and index >= 0
+    }
+    return {"kept": kept & vision_kept, "recovered": kept - vision_kept, "merged": merged}
+
+
+def overlay(image: Image.Image, roles: dict[str, set[int]], grid: int, caption: str) -> Image.Image:
+    """The image at PANEL px with each patch tinted by its role (dropped patches darkened) and a caption."""
+    base = image.convert("RGB").resize((PANEL, PANEL), Image.NEAREST)
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    step = PANEL / grid
+    colours = {"kept": KEPT, "recovered": RECOVERED, "merged": MERGED}
+    for patch in range(grid * grid):
+        row, column = divmod(patch, grid)
+        box = [column * step, row * step, (column + 1) * step - 1, (row + 1) * step - 1]
+        role = next((name for name, patches in roles.items() if patch in patches), None)
+        draw.rectangle(box, fill=colours[role] if role else (0, 0, 0, 140))
+    panel = Image.new("RGB", (PANEL, PANEL + 34), "white")
+    panel.paste(Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB"), (0, 0))
+    ImageDraw.Draw(panel).multiline_text((4, PANEL + 2), caption, fill="black")
+    return panel
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--model", default=str(CHECKPOINT), help="a LLaVA-RC repo id or directory")
+    parser.add_argument("--samples", type=Path, default=SAMPLES)
+    parser.add_argument("--output-dir", type=Path, default=Path("llava_rc_demo"), help="where the PNGs go")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    torch.manual_seed(0)
-    config = demo_config()
-    model = LlavaRCForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = 0
-    num_patches = config.image_seq_length
-    inputs = demo_inputs(args.batch_size, num_patches)
-    prompt_length = inputs["input_ids"].shape[1]
-    print(f"LLaVA-RC demo: {args.batch_size} images of {num_patches} patches, {args.max_new_tokens} new tokens")
-    baseline = None
-    for settings in method_settings():
-        seconds, output = timed_generate(model, inputs, settings, args.max_new_tokens, args.repeats)
-        baseline = baseline or seconds
-        report = output.get("compression")
-        kept = report.kept_counts.tolist() if report is not None else [num_patches] * args.batch_size
-        # One image per row: the language model read each prompt shortened by the image's dropped tokens.
-        read = (inputs["attention_mask"].sum(1) - num_patches + torch.tensor(kept)).tolist()
-        print(
-            f"{settings['method']:>14}: kept {kept} of {num_patches} tokens per image, prompts read {read} "
-            f"tokens, generate {seconds * 1000:.0f} ms ({baseline / seconds:.2f}x faster than none)"
-        )
-        print(f"{'':>16}new tokens: {output.sequences[0, prompt_length:].tolist()}")
+    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    compression = model.config.compression
+    vision_only = {**compression, "guidance": None} if "guidance" in compression else compression
+    num_patches = model.config.image_seq_length
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{args.model}: {num_patches} visual tokens per image; compression {compression['method']} {compression}")
+    print(f"{'question':44s} {'expected':>9s} {'all tokens':>10s} {'compressed':>10s} {'kept':>5s} {'ms all':>7s} {'ms comp':>7s}")
+    totals = {"right_off": 0, "right_on": 0, "questions": 0, "kept": []}
+    for sample in json.loads((args.samples / "samples.json").read_text()):
+        image = Image.open(args.samples / sample["image"])
+        panels = []
+        for entry in sample["questions"]:
+            inputs = processor(images=image, text=PROMPT.format(question=entry["question"]), return_tensors="pt")
+            prompt_length = inputs["input_ids"].shape[1]
+            seconds_off, off = timed_generate(model, inputs, {"method": "none"}, args.repeats)
+            seconds_on, on = timed_generate(model, inputs, None, args.repeats)
+            vision = model.generate(
+                **inputs, compression=vision_only, max_new_tokens=1, do_sample=False, return_dict_in_generate=True
+            )
+            answer_off, answer_on = answer_text(processor, off, prompt_length), answer_text(processor, on, prompt_length)
+            kept = int(on.compression.kept_counts[0])
+            print(
+                f"{entry['question']:44s} {entry['answer']:>9s} {answer_off:>10s} {answer_on:>10s} {kept:>5d} "
+                f"{seconds_off * 1000:7.1f} {seconds_on * 1000:7.1f}"
+            )
+            totals["right_off"] += answer_off == entry["answer"]
+            totals["right_on"] += answer_on == entry["answer"]
+            totals["questions"] += 1
+            totals["kept"].append(kept)
+            roles = patch_roles(on.compression, vision.compression, num_patches)
+            caption = f"{entry['question']}\n-> {answer_on} ({kept} of {num_patches} tokens)"
+            panels.append(overlay(image, roles, grid, caption))
+        sheet = Image.new("RGB", (PANEL * len(panels), panels[0].height), "white")
+        for index, panel in enumerate(panels):
+            sheet.paste(panel, (index * PANEL, 0))
+        sheet.save(args.output_dir / sample["image"])
+    mean_kept = sum(totals["kept"]) / len(totals["kept"])
+    print(
+        f"\n{totals['right_off']}/{totals['questions']} right with all tokens, {totals['right_on']}/{totals['questions']} "
+        f"compressed, {mean_kept:.1f} of {num_patches} tokens kept on average. Overlays (green kept, orange recovered "
+        f"by the question, blue merged, dark dropped): {args.output_dir}/"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ generated deterministically from a seed; test mosaics use test images only.
 This module is for training, benchmarks and the demo; the model code does not import it.
 """
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
@@ -255,7 +256,7 @@ def evaluate(model, processor, batches: list[PreparedBatch], compression: dict |
     }
 
 
-def test_examples(test_questions: int, test_mosaics: int, seed: int = 0):
+def evaluation_sets(test_questions: int, test_mosaics: int, seed: int = 0):
     """The two test sets: a seeded sample of easy-VQA test questions, and the questions of seeded test mosaics."""
     singles = single_scenes("test")
     single_examples = [example for scene in singles for example in scene.examples]
@@ -271,8 +272,32 @@ def quick_report(model, processor, questions: int, seed: int = 0, compression: d
     """Full-token (or ``compression``) accuracy on ``questions`` easy-VQA test questions and about as many
     mosaic test questions."""
     compression = compression if compression is not None else {"method": "none"}
-    (singles, single_examples), (mosaics, mosaic_examples) = test_examples(questions, max(1, questions // 4), seed)
+    (singles, single_examples), (mosaics, mosaic_examples) = evaluation_sets(questions, max(1, questions // 4), seed)
     return {
         "easy_vqa_test": evaluate(model, processor, prepare_batches(processor, singles, single_examples), compression),
         "mosaic_test": evaluate(model, processor, prepare_batches(processor, mosaics, mosaic_examples), compression),
     }
+
+
+def write_samples(directory, seed: int = 0) -> None:
+    """The demo's bundled scenes: two easy-VQA test images and three test mosaics, with one question of each kind.
+
+    Writes ``<key>.png`` files and ``samples.json`` (scene file, cells, questions with answers and kinds).
+    """
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(f"samples-{seed}")
+    singles = rng.sample(single_scenes("test"), 2)
+    mosaics = [scene for scene in mosaic_scenes("test", 50, seed) if len(scene.examples) == 4][:3]
+    entries = []
+    for scene in singles + mosaics:
+        name = scene.key.replace("/", "-") + ".png"
+        scene.image().save(directory / name)
+        by_kind = {}
+        for example in scene.examples:
+            by_kind.setdefault(example.kind, example)
+        questions = [{"question": e.question, "answer": e.answer, "kind": e.kind} for e in by_kind.values()]
+        entries.append({"image": name, "cells": [list(cell) for cell in scene.cells], "questions": questions})
+    (directory / "samples.json").write_text(json.dumps(entries, indent=2) + "\n")

@@ -284,7 +284,8 @@ def packed_batch(prefix: list[int], image_lengths: list[int], blocks_per_image, 
             ids += block
             positions += range(len(prefix) + image_length, len(prefix) + image_length + len(block))
             segment += [number] * len(block)
-            # A block's token t predicts t + 1: targets are the answer and "</s>".
+            # labels[t] is the token at t + 1 where that token is a target (the answer and "</s>"), so the
+            # hidden state at t is scored against labels[t] directly.
             labels += [-100] * (answer_start - 1) + block[answer_start:] + [-100]
         rows.append((ids, positions, segment, labels))
     width = max(len(ids) for ids, *_ in rows)
@@ -342,8 +343,7 @@ def train_language_model(
         input_ids, mask, position_ids, labels = packed_batch(
             prefix, counts.tolist(), [blocks[index] for index in batch.tolist()], tokenizer.pad_token_id, image_id
         )
-        targets = labels[:, 1:]
-        selected = targets != -100
+        selected = labels != -100  # labels are already next-token targets (see packed_batch)
         with autocast:
             embeds = embed(input_ids)  # (B, T, D)
             projected = projector(torch.cat(image_tokens))  # (sum of counts, D)
@@ -351,8 +351,8 @@ def train_language_model(
             hidden = language_model(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids
             ).last_hidden_state  # (B, T, D)
-            logits = model.lm_head(hidden[:, :-1][selected])  # (targets, V)
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[selected])
+            logits = model.lm_head(hidden[selected])  # (targets, V)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels[selected])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
