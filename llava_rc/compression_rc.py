@@ -200,7 +200,10 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     # Output rows: kept in raster order, then centres by descending attention, then the extra token.
     kept_count = kept.sum(dim=-1)  # (I,)
     counts = kept_count + centre_count + extra_count  # (I,)
-    max_count = int(counts.max()) if num_images else 0  # the one host sync
+    if config.budget is not None:  # every image has exactly the budget: known on the host, no sync
+        max_count = resolve_budget(config.budget, num_patches) if num_images else 0
+    else:
+        max_count = int(counts.max()) if num_images else 0  # the one host sync
     spare_row = max_count  # rows written here are dropped
     kept_row = kept.long().cumsum(dim=-1) - 1  # (I, N)
     centre_row = kept_count.unsqueeze(-1) + centre_rank  # (I, N)
