@@ -169,6 +169,24 @@ def select_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.zeros_like(rank_valid).scatter(1, order, rank_valid)  # (I, N) bool
 
 
+def stable_topk_indices(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """(..., k) indices of the ``k`` largest (or smallest) values along the last dim, in stable-sort order.
+
+    values: (..., N) float, compared in float32. Returns exactly
+    ``sort(values.float(), descending=largest, stable=True).indices[..., :k]``
+    (equal values in ascending index order; -0.0 equals 0.0; no NaN expected) at the cost of a top-k instead of a
+    full sort: each float becomes an order-preserving integer (its IEEE bits, magnitude bits flipped for negatives)
+    with the index in the low digits as the tie-break, so every key is unique and ``topk`` has no ties to break.
+    """
+    num_values = values.shape[-1]
+    bits = (values.float() + 0.0).view(torch.int32)  # (..., N); + 0.0 turns -0.0 into 0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # (..., N) same order as the floats: negatives' magnitude flipped
+    index = torch.arange(num_values, device=values.device)  # (N,)
+    tie_break = (num_values - 1 - index) if largest else index  # lower index first
+    keys = ordered.long().mul_(num_values).add_(tie_break)  # (..., N) unique int64 keys
+    return keys.topk(k, dim=-1, largest=largest, sorted=True).indices
+
+
 def stable_descending_order(scores: torch.Tensor) -> torch.Tensor:
     """(I, N) patch indices sorted by descending score, ties in ascending index order."""
     return torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices

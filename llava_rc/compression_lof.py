@@ -22,10 +22,12 @@ is deterministic and independent of the other rows. Such ties need three values 
 which continuous features essentially never produce; outside them the outlier decisions equal sklearn's (for
 float32 or float64 input to sklearn), barring scores within float32 rounding of exactly 1.5.
 
-Cost: an (I, N, N) distance matrix and its sort per call (N = 576: 330k entries per image).
+Cost: an (I, N, N) distance matrix and a top-k of its rows per call (N = 576: 330k entries per image).
 """
 
 import torch
+
+from .compression_common import stable_topk_indices
 
 
 def lof_outlier_mask(values: torch.Tensor, valid: torch.Tensor | None = None, n_neighbors: int = 20) -> torch.Tensor:
@@ -51,10 +53,9 @@ def lof_outlier_mask(values: torch.Tensor, valid: torch.Tensor | None = None, n_
     distances = (x.unsqueeze(-1) - x.unsqueeze(-2)).abs()  # (I, N, N)
     itself = torch.eye(num_values, dtype=torch.bool, device=x.device)  # (N, N)
     distances = distances.masked_fill(itself | ~valid.unsqueeze(-2), float("inf"))
-    # Stable sort: equidistant neighbours in ascending index order.
-    sorted_distances, sorted_index = distances.sort(dim=-1, stable=True)
-    near_distances = sorted_distances[..., :width]  # (I, N, W)
-    near_index = sorted_index[..., :width]  # (I, N, W)
+    # The W nearest in stable-sort order (equidistant neighbours in ascending index order), without a full sort.
+    near_index = stable_topk_indices(distances, width, largest=False)  # (I, N, W)
+    near_distances = distances.gather(-1, near_index)  # (I, N, W)
     in_neighborhood = torch.arange(width, device=x.device) < row_neighbors.view(-1, 1, 1)  # (I, 1, W)
     # Rows with fewer than two valid values have no finite neighbour; zero them so no inf/nan spreads.
     near_distances = near_distances.where(in_neighborhood & near_distances.isfinite(), 0.0)

@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import torch
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, check_choice, check_range
-from .compression_common import cls_attention, resolve_budget, stable_descending_order, validate_budget
+from .compression_common import cls_attention, resolve_budget, stable_descending_order, stable_topk_indices
+from .compression_common import validate_budget
 from .compression_lof import lof_outlier_count
 
 
@@ -192,15 +193,17 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
         candidate_scores = candidate_scores + text_term.unsqueeze(1)
     candidate_scores = candidate_scores.masked_fill(~absorbed.unsqueeze(1), float("-inf"))
     num_candidates = min(config.merge_neighbors, num_patches)
-    # Stable sort instead of topk: equal scores go to the lower patch index.
-    candidates = torch.sort(candidate_scores, dim=-1, descending=True, stable=True).indices
-    candidates = candidates[..., :num_candidates]  # (I, N, M) for every row; only centre rows are used
+    # Stable top-k: equal scores go to the lower patch index.
+    candidates = stable_topk_indices(candidate_scores, num_candidates, largest=True)  # (I, N, M) only centre rows used
     is_candidate = absorbed.gather(1, candidates.flatten(1)).view_as(candidates) & centre.unsqueeze(-1)  # (I, N, M)
 
     # Output rows: kept in raster order, then centres by descending attention, then the extra token.
     kept_count = kept.sum(dim=-1)  # (I,)
     counts = kept_count + centre_count + extra_count  # (I,)
-    max_count = int(counts.max()) if num_images else 0  # the one host sync
+    if config.budget is not None:  # every image has exactly the budget: known on the host, no sync
+        max_count = resolve_budget(config.budget, num_patches) if num_images else 0
+    else:
+        max_count = int(counts.max()) if num_images else 0  # the one host sync
     spare_row = max_count  # rows written here are dropped
     kept_row = kept.long().cumsum(dim=-1) - 1  # (I, N)
     centre_row = kept_count.unsqueeze(-1) + centre_rank  # (I, N)
