@@ -40,6 +40,7 @@ from transformers.utils import logging
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan, cls_attention
 from .compression_registry import method_function, parse_compression
 from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
+from .sequence_packing import packed_width
 
 logger = logging.get_logger(__name__)
 
@@ -47,6 +48,19 @@ logger = logging.get_logger(__name__)
 GUIDANCE_INPUTS = ("guidance_mask", "guidance_input_ids", "guidance_attention_mask")
 # Marks a row-end newline token in an image's layout.
 NEWLINE = -1
+
+
+def host_to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host list (as long) or CPU tensor on ``device``, without a host sync on CUDA.
+
+    ``torch.tensor(..., device="cuda")`` and ``.to("cuda")`` copy from pageable memory and then wait for the whole
+    stream, so the GPU queue drains there; from pinned memory with ``non_blocking`` the copy is queued like a kernel
+    (the caching host allocator keeps the pinned block until the copy has run).
+    """
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -338,7 +352,7 @@ class CompressedGenerationMixin:
         device = signals.features.device
         first = layouts[0]
         is_token = first.token_index != NEWLINE  # (T,) the same for every image of the group
-        index = torch.stack([layout.token_index[is_token] for layout in layouts]).to(device)  # (I_g, M)
+        index = host_to_device(torch.stack([layout.token_index[is_token] for layout in layouts]), device)  # (I_g, M)
 
         def gather(per_crop: torch.Tensor | None) -> torch.Tensor | None:
             """(P, N, ...) per crop token -> (I_g, M, ...) per image token in reading order."""
@@ -382,8 +396,8 @@ class CompressedGenerationMixin:
         device = tokens.device
         length = token_index.shape[0]
         is_token = token_index != NEWLINE
-        reading_position = is_token.nonzero().flatten().to(device)  # (M,) where each patch is read
-        newline_position = (~is_token).nonzero().flatten().to(device)  # (R,) where each newline is read
+        reading_position = host_to_device(is_token.nonzero().flatten(), device)  # (M,) where each patch is read
+        newline_position = host_to_device((~is_token).nonzero().flatten(), device)  # (R,) where each newline is read
         num_newlines = newline_position.shape[0]
         slot = torch.arange(num_slots, device=device).expand(num_images, num_slots)  # (I_g, K)
         source = plan.source_index  # (I_g, K)
@@ -437,13 +451,27 @@ class CompressedGenerationMixin:
         layouts = self._image_token_layouts(crops_per_image, image_sizes)
         num_images = len(layouts)
         run_lengths = [layout.token_index.shape[0] for layout in layouts]
-        # One host sync for validation: clear errors instead of silently misaligned tokens.
-        num_placeholders, starts_with_padding = torch.stack(
+        patch_counts = [int((layout.token_index != NEWLINE).sum()) for layout in layouts]  # host tensors
+        # One host sync for validation: clear errors instead of silently misaligned tokens. The same transfer
+        # brings each row's placeholder and real text counts, from which the rebuilt width follows on the host
+        # when the kept counts are fixed (no second sync in pack_sequences).
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
+        host_counts = torch.cat(
             [
-                is_image.sum(),
-                (attention_mask[:, 0] == 0).any() if attention_mask is not None else is_image.new_zeros(()),
+                torch.stack(
+                    [
+                        is_image.sum(),
+                        (~real[:, 0]).any().long(),
+                        (is_image & ~real).sum(),
+                    ]
+                ),
+                is_image.sum(dim=1),  # (B,) placeholders per row
+                (real & ~is_image).sum(dim=1),  # (B,) real text tokens per row
             ]
         ).tolist()
+        num_placeholders, starts_with_padding, masked_placeholders = host_counts[:3]
+        row_placeholders = host_counts[3 : 3 + input_ids.shape[0]]
+        row_text = host_counts[3 + input_ids.shape[0] :]
         if num_placeholders == 0:
             raise ValueError(
                 f"pixel_values holds {num_images} image(s) but input_ids has no image token "
@@ -469,7 +497,7 @@ class CompressedGenerationMixin:
         ).hidden_states
         device = hidden_states[0].device
         crop_image = torch.repeat_interleave(
-            torch.arange(num_images, device=device), torch.tensor(crops_per_image, device=device)
+            torch.arange(num_images, device=device), host_to_device(crops_per_image, device)
         )  # (P,)
         image_row = question = image_has_text = None
         if settings.guidance_source is not None:
@@ -489,7 +517,7 @@ class CompressedGenerationMixin:
             groups.setdefault(layout.shape_key, []).append(image)
         results = []
         for members in groups.values():
-            member_index = torch.tensor(members, device=device)
+            member_index = host_to_device(members, device)
             has_text = image_has_text[member_index] if image_has_text is not None else None
             results.append((member_index, *self._compress_group(signals, [layouts[i] for i in members], has_text,
                                                                  settings)))
@@ -497,9 +525,12 @@ class CompressedGenerationMixin:
             _, image_tokens, plan, absorbed = results[0]
         else:
             image_tokens, plan, absorbed = self._merge_groups(results, num_images)
-        patch_counts = torch.tensor(
-            [int((layout.token_index != NEWLINE).sum()) for layout in layouts], dtype=torch.long, device=device
-        )
+        # With fixed counts (a budget) the rebuilt width is known on the host: pack_sequences need not read it.
+        fixed = [settings.fixed_count(layout.views) for layout in layouts]
+        new_length = None
+        if masked_placeholders == 0 and None not in fixed:
+            host_kept = [count + runs - patches for count, runs, patches in zip(fixed, run_lengths, patch_counts)]
+            new_length = packed_width(row_placeholders, row_text, run_lengths, host_kept)
         packed = pack_sequences(
             input_ids,
             attention_mask,
@@ -510,6 +541,7 @@ class CompressedGenerationMixin:
             slots_per_image=image_tokens.shape[1],
             pad_token_id=self._pad_token_id(),
             pad_left=pad_left,
+            new_length=new_length,
         )
         text_embeds = self.get_input_embeddings()(packed.input_ids)  # (B, L', D)
         inputs_embeds = fill_image_slots(text_embeds, image_tokens, packed.image_slot)
@@ -519,8 +551,8 @@ class CompressedGenerationMixin:
             kept_counts=plan.counts,
             source_index=plan.source_index,
             absorbed=absorbed,
-            patch_counts=patch_counts,
-            newline_counts=torch.tensor(run_lengths, device=device) - patch_counts,
+            patch_counts=host_to_device(patch_counts, device),
+            newline_counts=host_to_device([runs - patches for runs, patches in zip(run_lengths, patch_counts)], device),
         )
         return CompressedBatch(inputs_embeds=inputs_embeds, packed=packed, report=report)
 

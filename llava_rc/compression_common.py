@@ -235,6 +235,18 @@ class MethodConfig:
         """``"llm"``/``"clip"`` when the method reads ``text_scores``, else None."""
         return getattr(self, "guidance", None)
 
+    def fixed_count(self, views: tuple[tuple[int, int], ...]) -> int | None:
+        """Tokens the method keeps of an image whose patches form ``views`` ((rows, cols), ...), when the settings
+        alone fix it (a ``budget``: ``resolve_budget(budget, M)``, M the views' tokens), else None (adaptive).
+
+        The model uses it to learn the rebuilt sequence width on the host (no device read); a method whose counts
+        are fixed in another way overrides it.
+        """
+        budget = getattr(self, "budget", None)
+        if budget is None:
+            return None
+        return resolve_budget(budget, sum(rows * cols for rows, cols in views))
+
     def to_dict(self) -> dict:
         return {"method": self.method, **{name: getattr(self, name) for name in self.__dataclass_fields__}}
 

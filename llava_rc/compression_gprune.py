@@ -64,6 +64,10 @@ class GPruneConfig(MethodConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         check_range("steps", self.steps, 1, integer=True)
 
+    def fixed_count(self, views: tuple[tuple[int, int], ...]) -> int:
+        """Always fixed: ``keep_ratio`` (or ``budget``) per graph, one graph per view (see ``view_counts``)."""
+        return sum(view_counts(self, [rows * cols for rows, cols in views]))
+
 
 @torch.no_grad()
 def compress_gprune(inputs: CompressionInputs, config: GPruneConfig) -> TokenPlan:

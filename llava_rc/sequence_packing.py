@@ -3,7 +3,8 @@
 The LLaVA processor expands every ``<image>`` into a run of placeholder tokens: N for every image (LLaVA-1.5), or a
 count of its own per image (LLaVA-NeXT anyres, where it depends on the image size). After compression image ``j``
 keeps ``counts[j]`` tokens, so its run loses the rest and the batch is re-padded. Everything here is a pure tensor
-function: no loops over rows or tokens, one host sync (the new length).
+function: no loops over rows or tokens, and at most one host sync (the new length), none when the caller knows the
+new length on the host (``packed_width``: a fixed budget with every row's text length known).
 """
 
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ def pack_sequences(
     slots_per_image: int,
     pad_token_id: int,
     pad_left: bool,
+    new_length: int | None = None,
 ) -> PackedSequence:
     """Drop each image's placeholders past its kept count, drop padding, and re-pad the batch.
 
@@ -74,6 +76,9 @@ def pack_sequences(
     kept_counts: (I,) tokens kept per image, I = the number of images in the batch.
     slots_per_image: K, the stride of the flattened (I * K) compressed image tokens.
     pad_left: re-pad on the left (generation) or on the right.
+    new_length: L', the longest rebuilt row, when the caller knows it on the host (``packed_width``); None reads it
+        from the device (a host sync). A wrong value misaligns the batch: pass only a width computed from the same
+        inputs.
     """
     batch_size, length = input_ids.shape
     device = input_ids.device
@@ -85,7 +90,8 @@ def pack_sequences(
     keep = real & (~is_image | image_keeps)  # (B, L)
 
     new_lengths = keep.sum(dim=1)  # (B,)
-    new_length = int(new_lengths.max()) if batch_size else 0  # the one host sync: the rebuilt width
+    if new_length is None:
+        new_length = int(new_lengths.max()) if batch_size else 0  # the one host sync: the rebuilt width
     destination = keep.long().cumsum(dim=1) - 1  # (B, L) column in the rebuilt row
     if pad_left:
         destination = destination + (new_length - new_lengths).unsqueeze(1)
@@ -118,6 +124,30 @@ def pack_sequences(
         source_position=source_position,
         labels=new_labels,
     )
+
+
+def packed_width(
+    row_placeholders: list[int], row_text: list[int], run_lengths: list[int], kept_counts: list[int]
+) -> int | None:
+    """The rebuilt width L' that ``pack_sequences`` would read from the device, computed from host integers.
+
+    row_placeholders: (B,) placeholder tokens of each row; row_text: (B,) real (unmasked) text tokens of each row;
+    run_lengths, kept_counts: (I,) each image's placeholder run and kept tokens, images in reading order (row by
+    row). Assumes every placeholder is a real token. Returns max over rows of text + the kept tokens of its
+    images, or None when a row's placeholders do not end on an image boundary (then let the device decide).
+    A loop over rows and images on host integers, not tensors.
+    """
+    width, image = 0, 0
+    for placeholders, text in zip(row_placeholders, row_text):
+        kept = 0
+        while placeholders > 0:
+            if image >= len(run_lengths) or run_lengths[image] > placeholders:
+                return None
+            placeholders -= run_lengths[image]
+            kept += min(kept_counts[image], run_lengths[image])
+            image += 1
+        width = max(width, text + kept)
+    return width
 
 
 def fill_image_slots(
