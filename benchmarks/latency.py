@@ -1,6 +1,7 @@
 """Stock LLaVA vs LLaVA-RC with the same random weights: latency, memory, and how close each ratio is to its roofline.
 
-For one geometry (``GEOMETRIES``), on one device, with SDPA attention in both models:
+For one geometry (``GEOMETRIES``: LLaVA-1.5 or LLaVA-NeXT anyres, each at 7B and scaled down for CPU), on one device,
+with SDPA attention in both models:
 - time to first token (TTFT) at batch 1 and 8, decode tokens/s at batch 1 and 16, end-to-end ``generate()`` of a
   typical answer at batch 1 (one ``generate()`` per measurement; a logits processor stamps every new token after a
   device synchronisation, so TTFT, decode steps and the total come from the same call);
@@ -9,13 +10,19 @@ For one geometry (``GEOMETRIES``), on one device, with SDPA attention in both mo
 - the pre-pass: the vision tower alone, stock's image features (vision + projector), RC's ``compress_inputs``
   (vision + compression + rebuild); the compression step = RC pre-pass - stock image features, also as a share of
   the vision tower and of RC's TTFT;
-- variants: stock, RC at budgets 64, 128, 192 tokens per image and RC's dynamic count.
+- variants: stock, RC at budgets 64, 128, 192 tokens per image and RC's dynamic count (LLaVA-1.5); for LLaVA-NeXT
+  the same fractions of the image's 2880 non-newline tokens (320, 640, 960: 64/128/192 of 576 times 5 crops), RC's
+  dynamic count and G-Prune at its default (keep_ratio 0.5 per graph);
+- FLOPs of the prefill per variant (vision tower, projector, LM) and, for LLaVA-NeXT, G-Prune's reduction at
+  LLaVA-1.6-7B geometry next to the paper's -63.57%.
 Each measurement alternates the variants after a warm-up and reports medians; ratios are stock / RC from the same
 run. The two ceilings (copy bandwidth, matmul FLOP/s in the benchmark dtype) are measured once per run and give
 each scenario's roofline ratio (``benchmarks/roofline.py``); efficiency = measured ratio / roofline ratio.
 
     python benchmarks/latency.py --geometry cpu-small --update-readme            # CPU: ratios only
     python benchmarks/latency.py --geometry llava-1.5-7b --device cuda --dtype float16 --update-readme
+    python benchmarks/latency.py --geometry cpu-next-small --repeats 3 --update-readme   # LLaVA-NeXT on CPU
+    python benchmarks/latency.py --geometry llava-1.6-7b --device cuda --dtype float16
 """
 
 import argparse
@@ -30,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import roofline  # benchmarks/roofline.py, beside this script
 import torch
@@ -37,12 +45,17 @@ import transformers
 from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     LogitsProcessor,
     LogitsProcessorList,
 )
 from transformers.initialization import no_init_weights
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from llava_rc import LlavaRCConfig, LlavaRCForConditionalGeneration
+from llava_rc import LlavaNextRCConfig, LlavaNextRCForConditionalGeneration, LlavaRCConfig
+from llava_rc import LlavaRCForConditionalGeneration, anyres_token_counts
+from llava_rc.compression_registry import parse_compression
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +67,9 @@ PAD_TOKEN_ID = 32001
 class GeometrySpec:
     """A model geometry: HF config kwargs for the vision tower and the LM, and the run's defaults.
 
-    family selects the model classes in ``MODEL_FAMILIES`` (``"llava"``; a LLaVA-NeXT entry is added with
-    ``LlavaNextRCForConditionalGeneration``).
+    family selects the model classes in ``MODEL_FAMILIES`` (``"llava"`` or ``"llava_next"``). LLaVA-NeXT geometries
+    also give ``grid_pinpoints`` and the (height, width) of the benchmark's images (``image_hw``); every request
+    then holds one such image (base view + grid crops). ``variants`` replaces the LLaVA-1.5 ``VARIANTS``.
     """
 
     description: str
@@ -66,6 +80,9 @@ class GeometrySpec:
     answer_tokens: int = 32  # "typical answer" for end-to-end generate at batch 1
     decode_tokens: int = 32  # new tokens of the batch-16 decode measurement
     memory_budget_gib: float | None = None  # None: weights + 0.5 GiB
+    grid_pinpoints: list | None = None
+    image_hw: tuple[int, int] | None = None
+    variants: dict | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -77,6 +94,45 @@ LLAMA_7B = {
     "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
     "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 4096,
 }
+
+CPU_SMALL_VISION = {
+    "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "image_size": 336, "patch_size": 14, "projection_dim": 256,
+}
+CPU_SMALL_TEXT = {
+    "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6, "num_attention_heads": 8,
+    "num_key_value_heads": 8, "vocab_size": 32064, "max_position_embeddings": 4096,
+}
+
+VARIANTS = {
+    "stock": None,
+    "rc-64": {"method": "rc", "budget": 64},
+    "rc-128": {"method": "rc", "budget": 128},
+    "rc-192": {"method": "rc", "budget": 192},
+    "rc-dynamic": {"method": "rc"},
+}
+# LLaVA-NeXT: LLaVA-1.5's 64/128/192 of 576 tokens kept for each of the 5 crops' worth of tokens, i.e. 1/9, 2/9 and
+# 3/9 of the 2880 non-newline tokens at 672 px (a budget counts no newline; the 48 newlines are kept on top).
+NEXT_VARIANTS_7B = {
+    "stock": None,
+    "rc-320": {"method": "rc", "budget": 320},
+    "rc-640": {"method": "rc", "budget": 640},
+    "rc-960": {"method": "rc", "budget": 960},
+    "rc-dynamic": {"method": "rc"},
+    "gprune": {"method": "gprune"},  # its default: keep_ratio 0.5 per graph (base view, grid)
+}
+# The same fractions of the CPU geometry's 1280 non-newline tokens (320/640/960 x 1280/2880, rounded).
+NEXT_VARIANTS_CPU = {
+    "stock": None,
+    "rc-142": {"method": "rc", "budget": 142},
+    "rc-284": {"method": "rc", "budget": 284},
+    "rc-427": {"method": "rc", "budget": 427},
+    "rc-dynamic": {"method": "rc"},
+    "gprune": {"method": "gprune"},
+}
+# The paper's figure for G-Prune on LLaVA-NeXT (arXiv 2501.02268, abstract): "reduce 63.57% FLOPs", whole-model FLOPs
+# as the authors measured them (how they counted is not stated there).
+GPRUNE_PAPER_FLOPS_REDUCTION = 0.6357
 
 GEOMETRIES: dict[str, GeometrySpec] = {
     "llava-1.5-7b": GeometrySpec(
@@ -91,20 +147,44 @@ GEOMETRIES: dict[str, GeometrySpec] = {
     "cpu-small": GeometrySpec(
         description="scaled-down LLaVA-1.5 for CPU ratios: CLIP 336/14 (4 x 256, 577 tokens) + Llama 6 x 512",
         family="llava",
-        vision={
-            "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4,
-            "image_size": 336, "patch_size": 14, "projection_dim": 256,
-        },
-        text={
-            "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6, "num_attention_heads": 8,
-            "num_key_value_heads": 8, "vocab_size": 32064, "max_position_embeddings": 4096,
-        },
+        vision=CPU_SMALL_VISION,
+        text=CPU_SMALL_TEXT,
         answer_tokens=32,
         decode_tokens=16,
     ),
-    # "llava-1.6-7b": LLaVA-NeXT (anyres: a base view + up to 4 tiles of 576 tokens each, Vicuna/Mistral-7B) goes here
-    # with family="llava_next" once LlavaNextRCForConditionalGeneration lands; build_models and make_inputs dispatch
-    # on the family.
+    "llava-1.6-7b": GeometrySpec(
+        description=(
+            "LLaVA-1.6-7B (vicuna) at 672 x 672: CLIP ViT-L/14-336 on 5 crops (base + 2 x 2 grid) + Llama-7B shape; "
+            "576 + 2304 + 48 newline = 2928 image tokens"
+        ),
+        family="llava_next",
+        vision=CLIP_VIT_L_336,
+        text=LLAMA_7B,
+        answer_tokens=64,
+        decode_tokens=32,
+        memory_budget_gib=40.0,
+        grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        image_hw=(672, 672),
+        variants=NEXT_VARIANTS_7B,
+    ),
+    # LLaVA-NeXT scaled down for CPU: the cpu-small towers with 224 px crops (16 x 16 = 256 patches) and pinpoints
+    # scaled from 336 to 224, so a 448 x 448 image has the 7B layout at 4/9 of the tokens: base view + 2 x 2 grid,
+    # 5 crops, a newline per grid row (256 + 1024 + 32 = 1312 image tokens). At 336 px crops (2928 tokens) one
+    # shared CPU thread needs about 2.5x longer (the batch-16 runs dominate), over 15 minutes per run.
+    "cpu-next-small": GeometrySpec(
+        description=(
+            "scaled-down LLaVA-NeXT for CPU ratios: CLIP 224/14 (4 x 256) on 5 crops (base + 2 x 2 grid at 448 px) "
+            "+ Llama 6 x 512; 256 + 1024 + 32 newline = 1312 image tokens"
+        ),
+        family="llava_next",
+        vision={**CPU_SMALL_VISION, "image_size": 224},
+        text=CPU_SMALL_TEXT,
+        answer_tokens=32,
+        decode_tokens=16,
+        grid_pinpoints=[[224, 448], [448, 224], [448, 448], [672, 224], [224, 672]],
+        image_hw=(448, 448),
+        variants=NEXT_VARIANTS_CPU,
+    ),
 }
 
 
@@ -112,15 +192,11 @@ def llava_classes():
     return LlavaConfig, LlavaForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration
 
 
-MODEL_FAMILIES = {"llava": llava_classes}
+def llava_next_classes():
+    return LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextRCConfig, LlavaNextRCForConditionalGeneration
 
-VARIANTS = {
-    "stock": None,
-    "rc-64": {"method": "rc", "budget": 64},
-    "rc-128": {"method": "rc", "budget": 128},
-    "rc-192": {"method": "rc", "budget": 192},
-    "rc-dynamic": {"method": "rc"},
-}
+
+MODEL_FAMILIES = {"llava": llava_classes, "llava_next": llava_next_classes}
 
 
 # ---- devices ----------------------------------------------------------------------------------------------------
@@ -201,15 +277,41 @@ def config_kwargs(spec: GeometrySpec) -> dict:
     vision = {"model_type": "clip_vision_model", **spec.vision}
     text = {"model_type": "llama", "pad_token_id": PAD_TOKEN_ID, "bos_token_id": 1, "eos_token_id": 2, **spec.text}
     patches = (spec.vision["image_size"] // spec.vision["patch_size"]) ** 2
-    return {
+    kwargs = {
         "vision_config": vision,
         "text_config": text,
         "image_token_index": IMAGE_TOKEN_ID,
-        "image_seq_length": patches,
         "pad_token_id": PAD_TOKEN_ID,
         "vision_feature_layer": -2,
         "vision_feature_select_strategy": "default",
     }
+    if spec.family == "llava_next":
+        kwargs["image_grid_pinpoints"] = spec.grid_pinpoints
+    else:
+        kwargs["image_seq_length"] = patches
+    return kwargs
+
+
+def image_token_counts(spec: GeometrySpec) -> tuple[int, int, int]:
+    """(base view, high-resolution grid, newline) tokens of the benchmark's image; LLaVA-1.5: (N, 0, 0)."""
+    side = spec.vision["image_size"] // spec.vision["patch_size"]
+    if spec.family != "llava_next":
+        return side * side, 0, 0
+    config = SimpleNamespace(
+        vision_config=SimpleNamespace(image_size=spec.vision["image_size"], patch_size=spec.vision["patch_size"]),
+        image_grid_pinpoints=spec.grid_pinpoints,
+    )
+    base, grid, newlines = anyres_token_counts(config, [list(spec.image_hw)])[0].tolist()
+    return base, grid, newlines
+
+
+def crops_per_image(spec: GeometrySpec) -> int:
+    """Vision-tower crops of the benchmark's image: 1 for LLaVA-1.5, base view + grid crops for LLaVA-NeXT."""
+    if spec.family != "llava_next":
+        return 1
+    return image_size_to_num_patches(
+        image_size=list(spec.image_hw), grid_pinpoints=spec.grid_pinpoints, patch_size=spec.vision["image_size"]
+    )
 
 
 @torch.no_grad()
@@ -254,20 +356,28 @@ def build_models(spec: GeometrySpec, device: torch.device, dtype: torch.dtype, s
 
 
 def make_inputs(spec: GeometrySpec, batch: int, device: torch.device, dtype: torch.dtype, seed: int) -> dict:
-    """``batch`` prompts of ``text_tokens`` random text tokens around one image's N placeholders, no padding."""
+    """``batch`` prompts of ``text_tokens`` random text tokens around one image's placeholders, no padding.
+
+    LLaVA-1.5: N placeholders and pixel_values (B, 3, S, S). LLaVA-NeXT: base + grid + newline placeholders,
+    pixel_values (B, crops, 3, S, S) and image_sizes (B, 2), as the processor makes them.
+    """
     generator = torch.Generator().manual_seed(seed)
-    patches = (spec.vision["image_size"] // spec.vision["patch_size"]) ** 2
+    image_tokens = sum(image_token_counts(spec))
     before = spec.text_tokens // 2
     text = torch.randint(3, IMAGE_TOKEN_ID, (batch, spec.text_tokens), generator=generator)
-    image = torch.full((batch, patches), IMAGE_TOKEN_ID)
-    input_ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)  # (B, T + N)
+    image = torch.full((batch, image_tokens), IMAGE_TOKEN_ID)
+    input_ids = torch.cat([text[:, :before], image, text[:, before:]], dim=1)  # (B, T + image tokens)
     size = spec.vision["image_size"]
-    pixel_values = torch.randn(batch, 3, size, size, generator=generator)
-    return {
+    crops = (crops_per_image(spec),) if spec.family == "llava_next" else ()
+    pixel_values = torch.randn(batch, *crops, 3, size, size, generator=generator)
+    inputs = {
         "input_ids": input_ids.to(device),
         "attention_mask": torch.ones_like(input_ids).to(device),
         "pixel_values": pixel_values.to(device, dtype),
     }
+    if spec.family == "llava_next":
+        inputs["image_sizes"] = torch.tensor([list(spec.image_hw)] * batch, device=device)
+    return inputs
 
 
 # ---- one generate() ---------------------------------------------------------------------------------------------
@@ -344,14 +454,15 @@ def median_of(samples: list[dict], key: str):
 # ---- the benchmark ----------------------------------------------------------------------------------------------
 def roofline_shape(spec: GeometrySpec, dtype: torch.dtype) -> roofline.LlavaShape:
     vision, text = spec.vision, spec.text
-    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    crop_patches = (vision["image_size"] // vision["patch_size"]) ** 2
     return roofline.LlavaShape(
         vision=roofline.TransformerShape(
             layers=vision["num_hidden_layers"], hidden=vision["hidden_size"], heads=vision["num_attention_heads"],
             kv_heads=vision["num_attention_heads"], intermediate=vision["intermediate_size"], gated_mlp=False,
         ),
-        image_tokens=patches + 1,
-        patches=patches,
+        image_tokens=crop_patches + 1,
+        patches=sum(image_token_counts(spec)),  # the LM's image tokens, newlines included
+        crops=crops_per_image(spec),
         text=roofline.TransformerShape(
             layers=text["num_hidden_layers"], hidden=text["hidden_size"], heads=text["num_attention_heads"],
             kv_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
@@ -362,11 +473,83 @@ def roofline_shape(spec: GeometrySpec, dtype: torch.dtype) -> roofline.LlavaShap
 
 
 def scenario_for(shape: roofline.LlavaShape, spec: GeometrySpec, kept: float | None, compression) -> roofline.Scenario:
+    """The LM reads ``kept`` tokens per image (newlines included); the projector runs on every crop patch when the
+    method works on projected tokens or scores with "llm" guidance, and (again) on the kept vision tokens when it
+    compresses before the projector."""
     if compression is None:
-        return roofline.Scenario(spec.text_tokens, shape.patches, shape.patches)
+        return roofline.Scenario(spec.text_tokens, shape.patches, shape.crop_patches)
     kept_tokens = round(kept)
-    guided = compression.get("guidance", "llm") == "llm"  # "llm" guidance projects all N patches to score them
-    return roofline.Scenario(spec.text_tokens, kept_tokens, kept_tokens + (shape.patches if guided else 0))
+    settings = parse_compression(compression)
+    projected = shape.crop_patches if settings.stage == "projected" or settings.guidance_source == "llm" else 0
+    if settings.stage == "vision":
+        projected += kept_tokens - image_token_counts(spec)[2]  # newlines are not projected
+    return roofline.Scenario(spec.text_tokens, kept_tokens, projected)
+
+
+def flops_report(spec: GeometrySpec, shape: roofline.LlavaShape, scenarios: dict) -> dict:
+    """Prefill FLOPs at batch 1 per variant by phase (``roofline.prefill_flops``) and the reduction vs stock of the
+    LM prefill, of the whole prefill (vision + projector + LM) and of the LM by the FastV formula."""
+    stock = roofline.prefill_flops(shape, scenarios["stock"])
+    stock_fastv = roofline.fastv_lm_flops(shape.text, scenarios["stock"].prompt_tokens)
+    report = {}
+    for name, scenario in scenarios.items():
+        flops = roofline.prefill_flops(shape, scenario)
+        fastv = roofline.fastv_lm_flops(shape.text, scenario.prompt_tokens)
+        report[name] = {
+            **{f"{phase}_flops": value for phase, value in flops.items()},
+            "prompt_tokens": scenario.prompt_tokens,
+            "lm_reduction": 1 - flops["lm"] / stock["lm"],
+            "total_reduction": 1 - flops["total"] / stock["total"],
+            "fastv_lm_reduction": 1 - fastv / stock_fastv,
+        }
+    return report
+
+
+def gprune_flops_anchor() -> dict:
+    """G-Prune at its default (keep_ratio 0.5 per graph) at LLaVA-1.6-7B geometry (672 x 672, 64 text tokens),
+    against the paper's -63.57%: our counts, and the kept image tokens each counting would need to reach it."""
+    spec = GEOMETRIES["llava-1.6-7b"]
+    shape = roofline_shape(spec, torch.float16)
+    base, grid, newlines = image_token_counts(spec)
+    side = spec.vision["image_size"] // spec.vision["patch_size"]
+    views = ((side, side), (newlines, grid // newlines))
+    kept = parse_compression({"method": "gprune"}).fixed_count(views) + newlines
+    scenarios = {
+        "stock": scenario_for(shape, spec, None, None),
+        "gprune": scenario_for(shape, spec, kept, {"method": "gprune"}),
+    }
+    report = flops_report(spec, shape, scenarios)["gprune"]
+
+    def tokens_for(key: str) -> int:
+        """Smallest kept image-token count whose reduction by ``key`` is at most the paper's (bisection)."""
+        low, high = 0, shape.patches
+        while low < high:
+            middle = (low + high) // 2
+            trial = {**scenarios, "gprune": scenario_for(shape, spec, middle, {"method": "gprune"})}
+            if flops_report(spec, shape, trial)["gprune"][key] > GPRUNE_PAPER_FLOPS_REDUCTION:
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+    return {
+        "geometry": "llava-1.6-7b",
+        "kept_image_tokens": kept,
+        "stock_image_tokens": shape.patches,
+        "text_tokens": spec.text_tokens,
+        "lm_reduction": report["lm_reduction"],
+        "total_reduction": report["total_reduction"],
+        "fastv_lm_reduction": report["fastv_lm_reduction"],
+        "paper_reduction": GPRUNE_PAPER_FLOPS_REDUCTION,
+        "kept_image_tokens_for_paper_reduction": {key: tokens_for(key) for key in
+                                                  ("lm_reduction", "total_reduction", "fastv_lm_reduction")},
+        "counts": (
+            "lm: our roofline's LM prefill (2 FLOPs per multiply-add of every linear layer incl. the gated MLP, "
+            "causal half-square attention, last-token LM head); total: + vision tower on 5 crops + projector; "
+            "fastv_lm: 4nd^2 + 2n^2d + 2ndm per layer. The paper states a whole-model FLOPs reduction without its "
+            "counting."
+        ),
+    }
 
 
 def main() -> None:
@@ -375,7 +558,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=None, help="default: every variant of the geometry")
     parser.add_argument("--memory-budget-gib", type=float, default=None)
     parser.add_argument("--verify-largest-batch", action="store_true", help="run once at each largest batch")
     parser.add_argument(
@@ -396,9 +579,14 @@ def main() -> None:
     geometry_name = args.geometry or ("llava-1.5-7b" if device.type == "cuda" else "cpu-small")
     spec = GEOMETRIES[geometry_name]
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    if "stock" not in args.variants:
+    available = spec.variants or VARIANTS
+    chosen = args.variants or list(available)
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise SystemExit(f"--variants {unknown} are not variants of {geometry_name}; expected some of {list(available)}")
+    if "stock" not in chosen:
         raise SystemExit("--variants must include stock (every ratio is stock / RC)")
-    variants = {name: VARIANTS[name] for name in args.variants}
+    variants = {name: available[name] for name in chosen}
 
     ceilings_measured = measure_ceilings(device, dtype)
     ceilings = roofline.Ceilings(ceilings_measured["flops_per_second"], ceilings_measured["bytes_per_second"])
@@ -431,17 +619,21 @@ def main() -> None:
         for batch in (1, 8):
             inputs = make_inputs(spec, batch, device, dtype, seed=batch)
             pixel_values = inputs["pixel_values"]
+            image_sizes = inputs.get("image_sizes")
+            size_args = () if image_sizes is None else (image_sizes,)
             functions = {
-                "vision": lambda pv=pixel_values: rc.model.vision_tower(pv, output_hidden_states=True),
+                # Every crop through the tower (LLaVA-NeXT: (B, crops, 3, S, S) -> (B * crops, 3, S, S)).
+                "vision": lambda pv=pixel_values.flatten(0, -4): rc.model.vision_tower(pv, output_hidden_states=True),
                 "stock_features": lambda pv=pixel_values: stock.model.get_image_features(
-                    pv, vision_feature_layer=-2, vision_feature_select_strategy="default"
+                    pv, *size_args, vision_feature_layer=-2, vision_feature_select_strategy="default"
                 ),
             }
             for name, compression in variants.items():
                 if compression is not None:
                     settings = rc.compression_settings(compression)
                     functions[name] = lambda s=settings, i=inputs: rc.compress_inputs(
-                        i["input_ids"], i["pixel_values"], attention_mask=i["attention_mask"], settings=s, pad_left=True
+                        i["input_ids"], i["pixel_values"], attention_mask=i["attention_mask"], settings=s,
+                        pad_left=True, image_sizes=i.get("image_sizes"),
                     )
             timed = {name: (lambda f=function: timed_call(f, device)) for name, function in functions.items()}
             samples = alternate(timed, args.repeats)
@@ -501,7 +693,8 @@ def main() -> None:
         "ceilings": ceilings_measured,
         **results,
     }
-    out_path = Path(args.output) if args.output else ROOT / "benchmarks" / "results" / f"latency_{device.type}.json"
+    prefix = "latency_next" if spec.family == "llava_next" else "latency"
+    out_path = Path(args.output) if args.output else ROOT / "benchmarks" / "results" / f"{prefix}_{device.type}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     log(f"wrote {out_path}")
@@ -549,6 +742,7 @@ def build_results(
         for name, compression in variants.items()
     }
     scenarios = {name: scenario_for(shape, spec, kept[name], variants[name]) for name in variants}
+    flops = flops_report(spec, shape, scenarios)
     batch1_new = runs["batch1"][1]
 
     def roof_ttft(name, batch):
@@ -657,6 +851,8 @@ def build_results(
             for name in variants
         },
         "summary": summary,
+        "flops": flops,
+        **({"gprune_flops_anchor": gprune_flops_anchor()} if spec.family == "llava_next" else {}),
     }
 
 
@@ -713,6 +909,28 @@ def readme_table(result: dict) -> list[str]:
             for name in variants
         ]
         lines.append(f"| {label} (batch 1 / 8) | " + " | ".join(cells) + " |")
+    if "flops" in result:
+        cells = [
+            f"-{result['flops'][name]['lm_reduction']:.1%} / -{result['flops'][name]['total_reduction']:.1%}"
+            for name in variants
+        ]
+        lines.append("| prefill FLOPs, batch 1: LM / vision + projector + LM | " + " | ".join(cells) + " |")
+    anchor = result.get("gprune_flops_anchor")
+    if anchor is not None:
+        needed = anchor["kept_image_tokens_for_paper_reduction"]
+        lines += [
+            "",
+            (
+                f"G-Prune at its default (keep_ratio 0.5 per graph) at LLaVA-1.6-7B geometry (672 x 672, "
+                f"{anchor['text_tokens']} text tokens) keeps {anchor['kept_image_tokens']} of "
+                f"{anchor['stock_image_tokens']} image tokens (newlines included): LM prefill FLOPs "
+                f"-{anchor['lm_reduction']:.1%}, vision + projector + LM -{anchor['total_reduction']:.1%}, FastV's LM "
+                f"formula -{anchor['fastv_lm_reduction']:.1%}. The paper reports -{anchor['paper_reduction']:.2%} "
+                f"FLOPs for LLaVA-NeXT (whole model, counting not stated); our counts reach it at "
+                f"{needed['lm_reduction']} (LM), {needed['total_reduction']} (whole prefill) or "
+                f"{needed['fastv_lm_reduction']} (FastV formula) kept image tokens."
+            ),
+        ]
     return lines
 
 

@@ -12,6 +12,10 @@ What is counted (``dtype_bytes`` per element):
 - FLOPs: 2 per multiply-add of the linear layers, plus attention ``QK^T`` and ``AV`` (4 * width * context per
   query token and layer); causal prefill attention counts half the square (what SDPA/FlashAttention compute).
 
+LLaVA-NeXT (anyres): the vision tower runs on every crop of an image (``LlavaShape.crops``: the base view plus the
+grid crops, 5 at 672 x 672), the projector on every crop's patches, and the LM reads the unpadded grid plus one newline
+token per grid row (``LlavaShape.patches`` counts them: 576 + 2304 + 48 = 2928 for LLaVA-1.6-7B at 672 x 672).
+
 Small things are left out on purpose (norms' FLOPs, rotary embeddings, softmax, the compression step itself: its
 ideal cost is negligible, so its measured time counts against the measured ratio).
 """
@@ -55,10 +59,16 @@ class LlavaShape:
     """A LLaVA geometry: vision tower, projector (vision width -> text width, 2 linear layers), language model."""
 
     vision: TransformerShape
-    image_tokens: int  # tokens the vision tower runs on per image ([CLS] + patches)
-    patches: int  # N, the image tokens the stock LLM reads per image
+    image_tokens: int  # tokens the vision tower runs on per crop ([CLS] + patches)
+    patches: int  # N, the image tokens the stock LLM reads per image (LLaVA-NeXT: base + unpadded grid + newlines)
     text: TransformerShape
     dtype_bytes: int
+    crops: int = 1  # vision-tower crops per image (LLaVA-NeXT: base view + grid crops)
+
+    @property
+    def crop_patches(self) -> int:
+        """Patch tokens of all crops of an image: what the stock projector runs on per image (no [CLS])."""
+        return self.crops * (self.image_tokens - 1)
 
     @property
     def projector_params(self) -> int:
@@ -125,8 +135,9 @@ def kv_cache_bytes(shape: TransformerShape, tokens: int, sequences: int, dtype_b
 
 
 def vision_cost(geometry: LlavaShape, images: int) -> Cost:
-    """The vision tower on ``images`` images (same for stock and compressed)."""
-    return encoder_cost(geometry.vision, geometry.image_tokens, images, geometry.dtype_bytes, causal=False)
+    """The vision tower on every crop of ``images`` images (same for stock and compressed)."""
+    return encoder_cost(geometry.vision, geometry.image_tokens, images * geometry.crops, geometry.dtype_bytes,
+                        causal=False)
 
 
 def projector_cost(geometry: LlavaShape, tokens: int) -> Cost:
@@ -181,6 +192,26 @@ def ttft_seconds(geometry: LlavaShape, scenario: Scenario, batch: int, ceilings:
     return sum(phase.seconds(ceilings) for phase in phases)
 
 
+def prefill_flops(geometry: LlavaShape, scenario: Scenario, batch: int = 1) -> dict[str, float]:
+    """FLOPs up to the first token by phase: vision tower (all crops), projector, LM prefill, and their total."""
+    images = batch * scenario.images_per_prompt
+    flops = {
+        "vision": vision_cost(geometry, images).flops,
+        "projector": projector_cost(geometry, scenario.projected_tokens * images).flops,
+        "lm": prefill_cost(geometry, scenario.prompt_tokens, batch).flops,
+    }
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+def fastv_lm_flops(text: TransformerShape, tokens: int) -> float:
+    """The LM estimate that FastV (arXiv 2403.06764) and many token-pruning papers use: per layer
+    ``4 n d^2 + 2 n^2 d + 2 n d m`` for n tokens, width d, MLP width m (multiply-adds of q/k/v/o, the full attention
+    square and a 2-matrix MLP; no LM head)."""
+    n, d, m = tokens, text.hidden, text.intermediate
+    return text.layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+
+
 def decode_seconds(geometry: LlavaShape, scenario: Scenario, batch: int, new_tokens: int, ceilings: Ceilings) -> float:
     """Best time for ``new_tokens - 1`` decode steps after the prefill (the first token comes from the prefill)."""
     return sum(
@@ -211,7 +242,7 @@ def sample_bytes(geometry: LlavaShape, scenario: Scenario, new_tokens: int) -> i
     """
     vision, text, size = geometry.vision, geometry.text, geometry.dtype_bytes
     images = scenario.images_per_prompt
-    vision_peak = images * geometry.image_tokens * ((vision.layers + 1) * vision.hidden + vision.intermediate) * size
+    vision_peak = images * geometry.crops * geometry.image_tokens * ((vision.layers + 1) * vision.hidden + vision.intermediate) * size
     prompt = scenario.prompt_tokens
     layer_transient = prompt * ((3 if text.gated_mlp else 2) * text.intermediate + 2 * text.hidden + 2 * text.kv_width)
     prefill_peak = kv_cache_bytes(text, prompt, 1, size) + layer_transient * size

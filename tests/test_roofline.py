@@ -111,3 +111,57 @@ def test_memory_per_request_and_largest_batch():
     with pytest.raises(ValueError, match="per_sample_bytes"):
         roofline.largest_batch(10.0, 1.0, 0.0)
     assert 13e9 < LLAVA_7B.weight_bytes < 15e9  # ~7.1B parameters in fp16
+
+
+# LLaVA-1.6-7B at 672 x 672: 5 crops of 577 tokens through CLIP, 576 + 2304 + 48 newline tokens to the LM.
+LLAVA_NEXT_7B = roofline.LlavaShape(
+    vision=LLAVA_7B.vision, image_tokens=577, patches=576 + 2304 + 48, text=LLAVA_7B.text, dtype_bytes=2, crops=5
+)
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def test_next_token_accounting_matches_the_model():
+    from transformers import LlavaNextConfig
+
+    from llava_rc import anyres_token_counts
+    from llava_rc.compression_registry import parse_compression
+
+    config = LlavaNextConfig(
+        vision_config={"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14},
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )
+    base, grid, newlines = anyres_token_counts(config, [[672, 672]])[0].tolist()
+    assert (base, grid, newlines) == (576, 2304, 48)
+    assert base + grid + newlines == LLAVA_NEXT_7B.patches
+    assert LLAVA_NEXT_7B.crop_patches == 5 * 576 == base + grid  # no unpadding at a square image
+    # G-Prune's default: half of each graph (base view, grid); the newlines are kept on top.
+    assert parse_compression({"method": "gprune"}).fixed_count(((24, 24), (48, 48))) == 288 + 1152
+    # A budget counts no newline: 320 of the 2880 tokens send 368 to the LM.
+    assert parse_compression({"method": "rc", "budget": 320}).fixed_count(((24, 24), (48, 48))) + newlines == 368
+
+
+def test_next_vision_tower_runs_every_crop_and_the_prompt_holds_the_newlines():
+    one_crop = roofline.vision_cost(LLAVA_7B, 3)
+    five_crops = roofline.vision_cost(LLAVA_NEXT_7B, 3)
+    assert five_crops.flops == pytest.approx(5 * one_crop.flops)
+    stock = roofline.Scenario(text_tokens=64, image_tokens=LLAVA_NEXT_7B.patches, projected_tokens=2880)
+    assert stock.prompt_tokens == 64 + 2928
+    flops = roofline.prefill_flops(LLAVA_NEXT_7B, stock)
+    assert flops["total"] == pytest.approx(flops["vision"] + flops["projector"] + flops["lm"])
+    assert flops["vision"] == pytest.approx(five_crops.flops / 3)
+    assert flops["projector"] == pytest.approx(2 * LLAVA_NEXT_7B.projector_params * 2880)
+    # The vision transient of one request covers all 5 crops.
+    per_request = roofline.sample_bytes(LLAVA_NEXT_7B, stock, 32)
+    assert per_request >= roofline.kv_cache_bytes(LLAVA_NEXT_7B.text, 64 + 2928 + 32, 1, 2)
+
+
+def test_gprune_default_halves_the_lm_prefill_flops_short_of_the_papers_figure():
+    stock = roofline.Scenario(text_tokens=64, image_tokens=2928, projected_tokens=2880)
+    gprune = roofline.Scenario(text_tokens=64, image_tokens=1440 + 48, projected_tokens=2880)
+    before, after = roofline.prefill_flops(LLAVA_NEXT_7B, stock), roofline.prefill_flops(LLAVA_NEXT_7B, gprune)
+    lm_reduction = 1 - after["lm"] / before["lm"]
+    total_reduction = 1 - after["total"] / before["total"]
+    assert 0.45 < total_reduction < lm_reduction < 0.55 < 0.6357  # the paper's -63.57% needs fewer tokens
+    fastv = 1 - roofline.fastv_lm_flops(LLAVA_7B.text, 1552) / roofline.fastv_lm_flops(LLAVA_7B.text, 2992)
+    assert lm_reduction < fastv < 0.55  # FastV's formula counts the full attention square: a larger reduction
+    assert roofline.fastv_lm_flops(TOY_TEXT, 3) == 2 * (4 * 3 * 64 + 2 * 9 * 8 + 2 * 3 * 8 * 16)
