@@ -20,9 +20,9 @@ import torch
 import transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from bench_common import ROOT, write_readme_section  # benchmarks/bench_common.py
 from llava_rc import METHODS, easyvqa
 
-ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "llava_rc" / "checkpoints" / "llava-rc-easyvqa"
 BUDGETS = (0.5, 0.25, 0.1, 0.05)
 TEXT_GUIDED = {"rc": {"guidance": "clip"}, "trsm": {"guidance": "clip"}}
@@ -94,6 +94,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     panels = [
@@ -118,6 +119,8 @@ def plot(result: dict, path: Path) -> None:
                     axis.scatter(row[dataset]["kept_mean"], value(row), marker="*", s=160, color=line.get_color())
         axis.axhline(value(full), color="black", linestyle="--", label="all tokens")
         axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel("mean visual tokens per image (stars: adaptive count)")
         axis.set_ylabel("accuracy")
         axis.set_title(title)
@@ -148,12 +151,7 @@ def update_readme(result: dict) -> None:
     for name, check in result["goals"].items():
         detail = ", ".join(f"{key} {value:.3f}" for key, value in check.items() if key != "met")
         lines.append(f"- {'met' if check['met'] else '**missed**'}: {name} ({detail})")
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
-    head, rest = text.split(begin)
-    _, tail = rest.split(end)
-    readme.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+    write_readme_section("accuracy", lines)
 
 
 def main() -> None:

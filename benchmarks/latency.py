@@ -40,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import roofline  # benchmarks/roofline.py, beside this script
+from bench_common import synchronize, timed, write_readme_section  # benchmarks/bench_common.py
 import torch
 import transformers
 from transformers import (
@@ -200,11 +201,6 @@ MODEL_FAMILIES = {"llava": llava_classes, "llava_next": llava_next_classes}
 
 
 # ---- devices ----------------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class PeakMemory:
     """Peak memory of a block: CUDA allocator stats, or on CPU the process's resident high-water mark (VmHWM).
 
@@ -262,14 +258,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, repeats: int = 5)
 
 def median_seconds(function, device: torch.device, repeats: int) -> float:
     function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(function, device, repeats))
 
 
 # ---- models and inputs ------------------------------------------------------------------------------------------
@@ -722,11 +711,7 @@ def sync_audit(models: dict, variants: dict, inputs: dict, device: torch.device)
 
 
 def timed_call(function, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    function()
-    synchronize(device)
-    return time.perf_counter() - start
+    return timed(function, device, 1)[0]
 
 
 def build_results(
@@ -939,12 +924,7 @@ def update_readme() -> None:
     lines = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("latency_*.json")):
         lines += readme_table(json.loads(path.read_text())) + [""]
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    begin, end = "<!-- latency:begin -->", "<!-- latency:end -->"
-    head, rest = text.split(begin)
-    _, tail = rest.split(end)
-    readme.write_text(head + begin + "\n" + "\n".join(lines).rstrip() + "\n" + end + tail)
+    write_readme_section("latency", lines)
 
 
 if __name__ == "__main__":

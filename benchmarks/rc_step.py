@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import transformers
 from sklearn.neighbors import LocalOutlierFactor
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from bench_common import timed, write_readme_section  # benchmarks/bench_common.py
 from llava_rc.compression_common import CompressionInputs, apply_plan, cls_attention
 from llava_rc.compression_rc import RCConfig, compress_rc
 
@@ -43,11 +43,6 @@ def clip_vit_l_336() -> CLIPVisionConfig:
         patch_size=14,
         projection_dim=768,
     )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def rc_step(tower, projector, hidden_states, question, settings: RCConfig):
@@ -120,17 +115,6 @@ def released_structure(tower, pixel_values, hidden_states, question, settings: R
             merged.append(features[centre] + (attention[members].unsqueeze(-1) * features[members]).sum(0))
         outputs.append(torch.stack([features[i] for i in np.sort(np.concatenate([kept, recovered]))] + merged))
     return outputs
-
-
-def timed(function, device, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -212,12 +196,7 @@ def update_readme(result: dict) -> None:
             f"| {row['batch_size']} | {seconds['vision'] * 1000:.0f} | {seconds['rc_step'] * 1000:.1f} | "
             f"{row['rc_step_share_of_vision']:.1%} | {seconds['released'] * 1000:.0f} | {row['released_over_rc_step']:.1f}x |"
         )
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    begin, end = "<!-- rc_step:begin -->", "<!-- rc_step:end -->"
-    head, rest = text.split(begin)
-    _, tail = rest.split(end)
-    readme.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + tail)
+    write_readme_section("rc_step", lines)
 
 
 if __name__ == "__main__":

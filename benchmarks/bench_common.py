@@ -1,0 +1,37 @@
+"""What every benchmark script shares: device synchronisation, timing, and writing a README table from results.
+
+The scripts run as ``python benchmarks/<name>.py``, so this file is imported as a sibling module.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``function``, each between two device synchronisations."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def write_readme_section(marker: str, lines: list[str]) -> None:
+    """Replace the README text between ``<!-- {marker}:begin -->`` and ``<!-- {marker}:end -->`` with ``lines``."""
+    readme = ROOT / "README.md"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    head, rest = readme.read_text().split(begin)
+    _, tail = rest.split(end)
+    readme.write_text(head + begin + "\n" + "\n".join(lines).rstrip() + "\n" + end + tail)
