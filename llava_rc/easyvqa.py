@@ -48,6 +48,17 @@ class Scene:
     split: str
     examples: list[Example] = field(default_factory=list)
 
+    def object_cells(self) -> np.ndarray:
+        """(H, W) int at the image's resolution: the cell whose shape covers each pixel, -1 on background."""
+        paths = image_paths(self.split)
+        side = CELL_SIZE * (1 if len(self.sources) == 1 else 2)
+        cells = np.full((side, side), -1, dtype=np.int64)
+        for index, source in enumerate(self.sources):
+            top, left = (index // 2) * CELL_SIZE, (index % 2) * CELL_SIZE
+            region = cells[top : top + CELL_SIZE, left : left + CELL_SIZE]
+            region[shape_mask(paths[source])] = index
+        return cells
+
     def image(self) -> Image.Image:
         paths = image_paths(self.split)
         if len(self.sources) == 1:
@@ -57,6 +68,14 @@ class Scene:
             cell = Image.open(paths[source]).convert("RGB")
             mosaic.paste(cell, ((index % 2) * CELL_SIZE, (index // 2) * CELL_SIZE))
         return mosaic
+
+
+@cache
+def shape_mask(path: str) -> np.ndarray:
+    """(64, 64) bool: the pixels of the image's shape (its palette colour)."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))  # (64, 64, 3)
+    color, _ = cell_labels(path)
+    return (pixels == PALETTE[color]).all(axis=-1)
 
 
 def _easy_vqa():

@@ -122,16 +122,20 @@ CAPTIONS_COLOR = ("what shape is {color}?", "what is the {color} shape?", "{colo
 CAPTIONS_POSITION = ("what shape is in the {position}?", "what color is the shape in the {position}?")
 
 
-def sample_caption(cells, rng: random.Random, allow_position: bool):
-    """A caption about one cell, and what it asks for: (text, color or None, shape or None, cell index or None)."""
+def sample_caption(cells, rng: random.Random):
+    """A caption about one cell, and what it asks for: (text, color or None, shape or None, cell index or None).
+
+    Half the captions name colour and shape (the strongest signal), the rest one attribute; on mosaics a quarter
+    name a position instead.
+    """
     index = rng.randrange(len(cells))
     color, shape = cells[index]
-    family = rng.randrange(4 if allow_position else 3)
-    if family == 3:
+    draw = rng.random()
+    if len(cells) > 1 and draw < 0.25:
         return rng.choice(CAPTIONS_POSITION).format(position=easyvqa.POSITIONS[index]), None, None, index
-    if family == 0:
+    if draw < 0.625:
         return rng.choice(CAPTIONS_BOTH).format(color=color, shape=shape), color, shape, None
-    if family == 1:
+    if draw < 0.8125:
         return rng.choice(CAPTIONS_SHAPE).format(shape=shape), None, shape, None
     return rng.choice(CAPTIONS_COLOR).format(color=color), color, None, None
 
@@ -142,11 +146,19 @@ def cell_matches(cells, color, shape, position) -> list[bool]:
     return [(color is None or c == color) and (shape is None or s == shape) for c, s in cells]
 
 
-def patch_cells() -> torch.Tensor:
-    """(N,) the mosaic cell (0..3, reading order) each patch of the grid lies in."""
-    rows = torch.arange(GRID).unsqueeze(1).expand(GRID, GRID)
-    columns = torch.arange(GRID).unsqueeze(0).expand(GRID, GRID)
-    return ((rows * 2 // GRID) * 2 + columns * 2 // GRID).flatten()
+def object_patches(scenes, coverage: float = 0.1) -> torch.Tensor:
+    """(S, N) the cell whose shape covers at least ``coverage`` of each patch (at the model's resolution), else -1."""
+    rows = []
+    for scene in scenes:
+        cells = torch.from_numpy(scene.object_cells())  # (h, w) at the scene's own resolution
+        resized = torch.nn.functional.interpolate(cells[None, None].float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="nearest")
+        patches = resized.view(GRID, PATCH_SIZE, GRID, PATCH_SIZE).permute(0, 2, 1, 3).reshape(NUM_PATCHES, -1)
+        best = torch.full((NUM_PATCHES,), -1)
+        for cell in range(len(scene.cells)):
+            covered = (patches == cell).float().mean(dim=-1) >= coverage  # (N,)
+            best = torch.where(covered & (best < 0), torch.full_like(best, cell), best)
+        rows.append(best)
+    return torch.stack(rows)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -160,11 +172,13 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def train_clip(clip: CLIPModel, tokenizer, pixels, scenes, steps: int, batch_size: int, seed: int, autocast) -> None:
+    """Contrastive image-caption training plus the dense term: a caption's patch logits over its own image should
+    put their mass on the patches of the object(s) it describes (shape pixels, read from the drawing)."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
     schedule = warmup_cosine(optimizer, steps)
-    cells_of_patch = patch_cells()
+    objects = object_patches(scenes)  # (S, N)
     clip.train()
     started = time.perf_counter()
     for step in range(steps):
@@ -172,7 +186,7 @@ def train_clip(clip: CLIPModel, tokenizer, pixels, scenes, steps: int, batch_siz
         captions, matches, dense_targets = [], [], []
         for index in batch:
             cells = scenes[index].cells
-            text, color, shape, position = sample_caption(cells, rng, allow_position=len(cells) > 1)
+            text, color, shape, position = sample_caption(cells, rng)
             captions.append(text)
             # Contrastive positives: the images of the batch with a matching object (position captions match none
             # but their own image, since every mosaic has every position).
@@ -182,8 +196,8 @@ def train_clip(clip: CLIPModel, tokenizer, pixels, scenes, steps: int, batch_siz
                     for other in batch
                 ]
             )
-            cell_hit = torch.tensor(cell_matches(cells, color, shape, position))
-            dense_targets.append(cell_hit[cells_of_patch] if len(cells) > 1 else torch.zeros(NUM_PATCHES, dtype=torch.bool))
+            cell_hit = torch.tensor(cell_matches(cells, color, shape, position) + [False])  # index -1: background
+            dense_targets.append(cell_hit[objects[index]])
         tokens = tokenizer(captions, padding=True, return_tensors="pt")
         with autocast:
             outputs = clip(
@@ -424,8 +438,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-mosaics", type=int, default=10000)
     parser.add_argument("--clip-steps", type=int, default=1000)
-    parser.add_argument("--clip-batch-size", type=int, default=128)
-    parser.add_argument("--lm-steps", type=int, default=1200)
+    parser.add_argument("--clip-batch-size", type=int, default=96)
+    parser.add_argument("--lm-steps", type=int, default=1500)
     parser.add_argument("--lm-batch-size", type=int, default=32)
     parser.add_argument("--eval-questions", type=int, default=2000, help="questions per test set in the final report")
     parser.add_argument("--threads", type=int, default=None)
