@@ -177,6 +177,28 @@ def _mosaic_examples(key: str, cells: tuple[tuple[str, str], ...]) -> list[Examp
     return examples
 
 
+def training_questions(scene: Scene) -> list[Example]:
+    """Every question a scene can answer without ambiguity (used for training; evaluation asks one per type).
+
+    Single images: easy-VQA's own questions. Mosaics: shape and colour at each of the four positions, the colour of
+    every shape that occurs once and the shape of every colour that occurs once.
+    """
+    if len(scene.cells) == 1:
+        return scene.examples
+    colors = [color for color, _ in scene.cells]
+    shapes = [shape for _, shape in scene.cells]
+    examples = []
+    for index, (color, shape) in enumerate(scene.cells):
+        position = POSITIONS[index]
+        examples.append(Example(scene.key, f"what shape is in the {position}?", shape, "shape_at_position"))
+        examples.append(Example(scene.key, f"what color is the shape in the {position}?", color, "color_at_position"))
+        if shapes.count(shape) == 1:
+            examples.append(Example(scene.key, f"what color is the {shape}?", color, "color_of_unique_shape"))
+        if colors.count(color) == 1:
+            examples.append(Example(scene.key, f"what shape is {color}?", shape, "shape_of_unique_color"))
+    return examples
+
+
 @cache
 def mosaic_scenes(split: str, count: int, seed: int) -> tuple[Scene, ...]:
     """``count`` 2x2 mosaics of one split's images, chosen by ``seed``, each with its questions.

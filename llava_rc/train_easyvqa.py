@@ -1,20 +1,24 @@
-"""Train the tiny LLaVA-RC shipped with the package, on easy-VQA and mosaic scenes (CPU, about 40 minutes).
+"""Train the tiny LLaVA-RC shipped with the package, on easy-VQA and mosaic scenes (CPU, about 30 minutes).
 
     python -m llava_rc.train_easyvqa --output-dir llava_rc/checkpoints/llava-rc-easyvqa
 
 Stage 1, a tiny CLIP: a ViT with a [CLS] token (168 px, patch 14 -> 144 patch tokens) and a text tower with
 projections, trained contrastively on images and captions derived from the labels ("red triangle", "what color is
 the triangle?"). A caption's positives are every image of the batch that has a matching object, so repeated
-labels are not pushed apart. On mosaics a second, dense term asks the caption to pick out the patches of the
-cell(s) it describes (position captions such as "what shape is in the top left?" included): CLIP's own patch-text
-similarity is what RC's "clip" guidance reads, and a tiny CLIP trained for minutes would not get it otherwise.
+labels are not pushed apart; half of each batch are single images (a mosaic matches most captions). A second, dense
+term asks each caption to pick out, among its image's patches, those covered by the object(s) it describes (shape
+pixels read from the drawing; position captions such as "what shape is in the top left?" included): CLIP's own
+patch-text similarity is what RC's "clip" guidance reads, and a tiny CLIP trained for minutes would not get it
+otherwise.
 
 Stage 2, the LLaVA recipe: vision tower frozen (its features are computed once), a two-layer GELU projector and a
 small Llama language model from scratch, trained on the questions and answers of single images and mosaics with
 the LLaVA-1.5 prompt. All questions of one image share one sequence (the image once, then every question-answer
 block, each block masked to see only the prompt, the image and itself), which is what makes this fit in minutes.
-Visual-token dropout, the same for every method: for half the images a random subset of 5-60% of the visual tokens
-is kept (in order), so the language model has seen missing tokens as large models trained on varied images have.
+Mosaics are trained on every question they can answer (shape and colour at each position, every unique shape's
+colour and unique colour's shape); evaluation asks one question per type. Visual-token dropout, the same for every
+method: a quarter of the images keep a random 10-60% of their visual tokens (in order), so the language model has
+seen missing tokens as large models trained on varied images have.
 
 Geometry: 168 px / patch 14 = 144 tokens, the smallest LLaVA-like count the issue allows; a 224 px / 256-token tower
 was still undertrained after the same CPU time (see the issue), and every doubling of tokens slows both stages.
@@ -171,18 +175,29 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return (loss * valid).sum() / valid.sum().clamp(min=1)
 
 
-def train_clip(clip: CLIPModel, tokenizer, pixels, scenes, steps: int, batch_size: int, seed: int, autocast) -> None:
+def train_clip(
+    clip: CLIPModel, tokenizer, pixels, scenes, steps: int, batch_size: int, seed: int, autocast, single_share: float
+) -> None:
     """Contrastive image-caption training plus the dense term: a caption's patch logits over its own image should
-    put their mass on the patches of the object(s) it describes (shape pixels, read from the drawing)."""
+    put their mass on the patches of the object(s) it describes (shape pixels, read from the drawing).
+
+    ``single_share`` of each batch are single images: a mosaic holds four objects, so most captions match most
+    mosaics and single images carry most of the contrastive signal.
+    """
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
     schedule = warmup_cosine(optimizer, steps)
     objects = object_patches(scenes)  # (S, N)
+    is_single = torch.tensor([len(scene.cells) == 1 for scene in scenes])
+    single_indices, mosaic_indices = is_single.nonzero().flatten(), (~is_single).nonzero().flatten()
     clip.train()
     started = time.perf_counter()
     for step in range(steps):
-        batch = torch.randperm(len(scenes), generator=generator)[:batch_size].tolist()
+        num_singles = round(single_share * batch_size)
+        singles = torch.randperm(len(single_indices), generator=generator)[:num_singles]
+        mosaics = torch.randperm(len(mosaic_indices), generator=generator)[: batch_size - num_singles]
+        batch = single_indices[singles].tolist() + mosaic_indices[mosaics].tolist()
         captions, matches, dense_targets = [], [], []
         for index in batch:
             cells = scenes[index].cells
@@ -233,20 +248,27 @@ def train_clip(clip: CLIPModel, tokenizer, pixels, scenes, steps: int, batch_siz
     clip.eval()
 
 
+def normalized_features(output) -> torch.Tensor:
+    """CLIP's projected features, unit length (transformers 5.23 wraps them in an output's ``pooler_output``)."""
+    features = output.pooler_output if hasattr(output, "pooler_output") else output
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
 @torch.no_grad()
-def clip_zero_shot(clip: CLIPModel, tokenizer, pixels, scenes) -> float:
-    """Single-image accuracy of picking the right "{color} {shape}" caption among all 24."""
+def clip_zero_shot(clip: CLIPModel, tokenizer, pixels, scenes) -> dict:
+    """Single-image accuracy of picking the right "{color} {shape}" caption among all 24 (and each attribute)."""
     labels = [(color, shape) for color in easyvqa.COLORS for shape in easyvqa.SHAPES]
     tokens = tokenizer([f"{color} {shape}" for color, shape in labels], padding=True, return_tensors="pt")
-    text = clip.get_text_features(**tokens)
-    text = torch.nn.functional.normalize(text.pooler_output if hasattr(text, "pooler_output") else text, dim=-1)
-    correct = 0
+    text = normalized_features(clip.get_text_features(**tokens))  # (24, P)
+    hits = {"both": 0, "color": 0, "shape": 0}
     for start in range(0, len(scenes), 256):
-        image = clip.get_image_features(pixel_values=pixels[start : start + 256].float())
-        image = torch.nn.functional.normalize(image.pooler_output if hasattr(image, "pooler_output") else image, dim=-1)
-        predicted = (image @ text.T).argmax(dim=-1)
-        correct += sum(labels[p] == scene.cells[0] for p, scene in zip(predicted.tolist(), scenes[start : start + 256]))
-    return correct / len(scenes)
+        image = normalized_features(clip.get_image_features(pixel_values=pixels[start : start + 256].float()))
+        for guess, scene in zip((image @ text.T).argmax(dim=-1).tolist(), scenes[start : start + 256]):
+            color, shape = labels[guess]
+            hits["both"] += (color, shape) == scene.cells[0]
+            hits["color"] += color == scene.cells[0][0]
+            hits["shape"] += shape == scene.cells[0][1]
+    return {name: count / len(scenes) for name, count in hits.items()}
 
 
 # ---- stage 2: projector + language model -------------------------------------------------------------------
@@ -338,7 +360,7 @@ def train_language_model(
     optimizer = torch.optim.AdamW(trainable, lr=1.5e-3, weight_decay=0.01)
     schedule = warmup_cosine(optimizer, steps)
     prefix = tokenizer("USER:", add_special_tokens=True)["input_ids"]
-    blocks = [qa_blocks(tokenizer, scene.examples) for scene in scenes]
+    blocks = [qa_blocks(tokenizer, easyvqa.training_questions(scene)) for scene in scenes]
     embed = model.get_input_embeddings()
     image_id = model.config.image_token_id
     projector.train()
@@ -346,9 +368,10 @@ def train_language_model(
     started = time.perf_counter()
     for step in range(steps):
         batch = torch.randperm(len(scenes), generator=generator)[:batch_size]
-        # Visual-token dropout (method-agnostic): half the images keep a random 5-60% of their tokens, in order.
-        drop = torch.rand(batch_size, generator=generator) < 0.5
-        keep_ratio = torch.where(drop, 0.05 + 0.55 * torch.rand(batch_size, generator=generator), torch.ones(batch_size))
+        # Visual-token dropout (method-agnostic): a quarter of the images keep a random 10-60% of their tokens, in
+        # order. (Dropped tokens may hold the answer, so more dropout teaches guessing.)
+        drop = torch.rand(batch_size, generator=generator) < 0.25
+        keep_ratio = torch.where(drop, 0.1 + 0.5 * torch.rand(batch_size, generator=generator), torch.ones(batch_size))
         counts = (keep_ratio * NUM_PATCHES).long().clamp(min=1)
         image_tokens = []
         for row, index in enumerate(batch.tolist()):
@@ -439,10 +462,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-mosaics", type=int, default=10000)
     parser.add_argument("--clip-steps", type=int, default=1000)
     parser.add_argument("--clip-batch-size", type=int, default=96)
-    parser.add_argument("--lm-steps", type=int, default=1500)
+    parser.add_argument("--clip-single-share", type=float, default=0.5, help="share of single images in a CLIP batch")
+    parser.add_argument("--lm-steps", type=int, default=1600)
     parser.add_argument("--lm-batch-size", type=int, default=32)
     parser.add_argument("--eval-questions", type=int, default=2000, help="questions per test set in the final report")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--refresh-code",
+        action="store_true",
+        help="only copy the package's current model code over the code files of an existing --output-dir checkpoint "
+        "(after a library change; the weights are untouched)",
+    )
     parser.add_argument(
         "--autocast",
         choices=["bfloat16", "none"],
@@ -450,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
         help="mixed precision for the training steps (weights stay float32; bfloat16 is 2-3x faster on CPUs with AMX)",
     )
     args = parser.parse_args(argv)
+    if args.refresh_code:
+        refresh_code(args.output_dir)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -470,12 +503,22 @@ def main(argv: list[str] | None = None) -> None:
     clip_config = clip_config_for(len(processor.guidance_tokenizer))
     clip = CLIPModel(clip_config)
     stage = time.perf_counter()
-    train_clip(clip, processor.guidance_tokenizer, pixels, scenes, args.clip_steps, args.clip_batch_size, args.seed, autocast)
+    train_clip(
+        clip,
+        processor.guidance_tokenizer,
+        pixels,
+        scenes,
+        args.clip_steps,
+        args.clip_batch_size,
+        args.seed,
+        autocast,
+        args.clip_single_share,
+    )
     timings["clip_s"] = time.perf_counter() - stage
     test_singles = easyvqa.single_scenes("test")
     test_pixels = pixel_values(processor, test_singles)
     zero_shot = clip_zero_shot(clip, processor.guidance_tokenizer, test_pixels, test_singles)
-    logger.warning(f"clip zero-shot single-image accuracy on easy-VQA test: {zero_shot:.3f}")
+    logger.warning(f"clip zero-shot single-image accuracy on easy-VQA test: {zero_shot}")
 
     config = model_config(words, clip_config, processor.tokenizer)
     model = LlavaRCForConditionalGeneration(config)
@@ -528,6 +571,17 @@ prompt `USER: <image>\\n{question} ASSISTANT:`.
 easy-VQA by Victor Zhou (https://github.com/vzhou842/easy-VQA), MIT licence (`LICENSE-easy-vqa`), used through the
 `easy-vqa` package with its own train/test split; mosaics of test images are used for testing only.
 """
+
+
+def refresh_code(checkpoint: Path) -> None:
+    """Copy the package's model code over the code files a checkpoint carries (the ones save_pretrained wrote)."""
+    package = Path(__file__).resolve().parent
+    code_files = sorted(checkpoint.glob("*.py"))
+    if not code_files:
+        raise ValueError(f"{checkpoint} holds no code files; expected a checkpoint written by save_pretrained")
+    for path in code_files:
+        shutil.copyfile(package / path.name, path)
+    logger.warning(f"refreshed {len(code_files)} code files in {checkpoint}")
 
 
 def write_package_notes(output_dir: Path) -> None:
