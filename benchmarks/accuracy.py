@@ -6,7 +6,7 @@ PruMerge(+) at their adaptive counts, and every method (and a content-blind rand
 Writes ``benchmarks/results/accuracy.json`` and ``accuracy.png``; ``--update-readme`` regenerates the README table.
 
     pip install -e ".[bench]"
-    python benchmarks/accuracy.py --update-readme            # ~10 min on 2 CPU cores
+    python benchmarks/accuracy.py --update-readme            # ~12 min on 2 CPU cores
     python benchmarks/accuracy.py --questions 200 --mosaics 50  # a quick look
 """
 
@@ -157,8 +157,8 @@ def update_readme(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
-    parser.add_argument("--questions", type=int, default=2000, help="easy-VQA test questions (seeded sample)")
-    parser.add_argument("--mosaics", type=int, default=500, help="test mosaics (about 3.7 questions each)")
+    parser.add_argument("--questions", type=int, default=1000, help="easy-VQA test questions (seeded sample)")
+    parser.add_argument("--mosaics", type=int, default=400, help="test mosaics (about 3.7 questions each)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")

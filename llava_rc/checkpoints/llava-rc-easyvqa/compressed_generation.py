@@ -1,0 +1,765 @@
+"""Compression shared by the LLaVA-family models: the pre-pass, and ``forward(labels)`` and ``generate()`` around it.
+
+``CompressedGenerationMixin`` goes in front of a stock class (``LlavaForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``) and replaces one step: where the projected image features are merged into
+the text sequence. With compression on:
+
+1. the vision tower runs once over every crop of every image (LLaVA-1.5: one crop per image; LLaVA-NeXT: the base
+   view and the high-resolution crops); the method's inputs ([CLS] attention of each crop recomputed from the
+   stored hidden states with the attention layer's own norm and q/k projections, patch keys, text guidance scores)
+   are computed per crop token;
+2. each image's tokens are gathered in the language model's reading order (its *layout*, given by the model class:
+   identity for LLaVA-1.5; base view then the unpadded high-resolution grid for LLaVA-NeXT, where row-end newline
+   tokens are set aside) and the method (a pure function from ``compression_registry.METHODS``) returns a plan:
+   which tokens survive and which originals each output token absorbs;
+3. newline tokens, when the layout has them, are all kept and put back at the end of their rows, the output tokens
+   in reading order;
+4. each image's placeholder run is shortened to its kept count, the batch is re-padded, and labels, attention
+   mask and position ids are rebuilt to match (``sequence_packing``).
+
+Images whose layouts have the same shape are compressed in one batched call; images of different shapes (anyres
+images of different sizes) are compressed in one call per shape: the documented loop over image geometries.
+
+``generate()`` does this as a pre-pass and hands the rebuilt ids, mask and merged embeddings to the stock
+``generate()``: shrinking the sequence inside ``forward()`` would leave generate's mask and positions at the old
+length (silently wrong). The caller's ``input_ids`` are put back in front of the new tokens afterwards.
+``forward(labels=...)`` runs the same pre-pass for fine-tuning and returns the rebuilt labels and mask.
+
+A model class provides three hooks: ``_image_crops`` (pixel values -> crops), ``_image_token_layouts`` (crop
+tokens -> each image's placeholder run) and ``_image_newline`` (the newline embedding, or None).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+from transformers.utils import logging
+
+from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan, cls_attention
+from .compression_registry import method_function, parse_compression
+from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
+from .sequence_packing import packed_width
+
+logger = logging.get_logger(__name__)
+
+# Processor outputs that only the compression pre-pass reads.
+GUIDANCE_INPUTS = ("guidance_mask", "guidance_input_ids", "guidance_attention_mask")
+# Marks a row-end newline token in an image's layout.
+NEWLINE = -1
+
+
+def host_to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host list (as long) or CPU tensor on ``device``, without a host sync on CUDA.
+
+    ``torch.tensor(..., device="cuda")`` and ``.to("cuda")`` copy from pageable memory and then wait for the whole
+    stream, so the GPU queue drains there; from pinned memory with ``non_blocking`` the copy is queued like a kernel
+    (the caching host allocator keeps the pinned block until the copy has run).
+    """
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class CompressionReport:
+    """What compression did to the images of one call (I images in reading order, K = the largest kept count).
+
+    method: the method's settings as plain JSON.
+    num_patches: the largest patch count M of the images (LLaVA-1.5: N for every image), the width of ``absorbed``.
+    kept_counts: (I,) tokens the language model read for each image (newline tokens included).
+    source_index: (I, K) the original patch each output token stands for, in the order the language model reads
+        them; -1 for synthetic tokens (merged extras, newline tokens) and padding. Patches are numbered over the
+        image's non-newline tokens in reading order (LLaVA-NeXT: base view, then the unpadded grid).
+    absorbed: (I, K, M) bool, which original patches contributed to each output token (merging methods), or the
+        one-hot of ``source_index`` (selection methods).
+    patch_counts: (I,) non-newline tokens of each image before compression (what a budget counts).
+    newline_counts: (I,) newline tokens of each image (all kept; 0 for LLaVA-1.5).
+    """
+
+    method: dict
+    num_patches: int
+    kept_counts: torch.Tensor
+    source_index: torch.Tensor
+    absorbed: torch.Tensor
+    patch_counts: torch.Tensor | None = None
+    newline_counts: torch.Tensor | None = None
+
+
+@dataclass
+class LlavaRCCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
+    r"""
+    labels (`torch.LongTensor` of shape `(batch_size, compressed_length)`, *optional*):
+        The labels realigned to the compressed sequence (image positions and padding are -100), for code that
+        aligns logits with its own targets.
+    attention_mask (`torch.LongTensor` of shape `(batch_size, compressed_length)`, *optional*):
+        The attention mask of the compressed sequence.
+    compression (`CompressionReport`, *optional*):
+        Per-image kept counts and provenance.
+    """
+
+    labels: torch.LongTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+    compression: CompressionReport | None = None
+
+
+@dataclass
+class CompressedBatch:
+    """The language model's input after compression, plus what happened."""
+
+    inputs_embeds: torch.Tensor
+    packed: PackedSequence
+    report: CompressionReport
+
+
+@dataclass
+class ImageLayout:
+    """How one image's placeholder run is read from the crop tokens of the batch.
+
+    token_index: (T,) long on the CPU, one entry per placeholder: the index of its token in the flattened (P * N)
+        patch tokens of all crops of the batch, or ``NEWLINE``.
+    views: ((rows, cols), ...) the raster-ordered views that the non-newline tokens form, in order.
+    """
+
+    token_index: torch.Tensor
+    views: tuple[tuple[int, int], ...]
+
+    @property
+    def shape_key(self) -> tuple:
+        """Equal for images whose layouts differ only in which crops they read (one batched method call)."""
+        return self.views, tuple((self.token_index == NEWLINE).nonzero().flatten().tolist())
+
+
+@dataclass
+class CropSignals:
+    """Per crop token, what methods may read: (P, N, ...) tensors, or None when the method does not need them."""
+
+    features: torch.Tensor
+    projected: torch.Tensor | None = None
+    attention_per_head: torch.Tensor | None = None
+    attention_joint: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    num_heads: int = 1
+    text_scores: torch.Tensor | None = None
+    guidance_dim: int = 1
+
+
+class CompressedGenerationMixin:
+    """Compression for a LLaVA-family ``...ForConditionalGeneration``: put it first in the bases.
+
+    ``generate(..., compression={...})`` and ``forward(..., compression={...})`` override the settings for one
+    call; nothing is stored on the model.
+    """
+
+    def _init_guidance_modules(self, config) -> None:
+        """"clip" guidance (the RC paper): CLIP's text tower and both projections into the shared space."""
+        self.guidance_text_model = None
+        if config.guidance_text_config is not None:
+            text_config = CLIPTextConfig(**config.guidance_text_config)
+            projection_dim = config.guidance_projection_dim
+            self.guidance_text_model = CLIPTextModel(text_config)
+            self.guidance_text_projection = nn.Linear(text_config.hidden_size, projection_dim, bias=False)
+            self.guidance_visual_projection = nn.Linear(
+                config.vision_config.hidden_size, projection_dim, bias=False
+            )
+            self.post_init()
+
+    # ---- per-architecture hooks -----------------------------------------------------------------------------
+    def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
+        """(crops (P, 3, H, W) for the vision tower, crops per image) from the caller's pixel values."""
+        raise NotImplementedError
+
+    def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:
+        """Each image's placeholder run in terms of crop tokens, in the order the stock model fills it."""
+        raise NotImplementedError
+
+    def _image_newline(self) -> torch.Tensor | None:
+        """(D,) the embedding of a newline token, or None when layouts have none."""
+        return None
+
+    # ---- settings -------------------------------------------------------------------------------------------
+    def compression_settings(self, compression: dict | MethodConfig | None = None) -> MethodConfig:
+        """The validated settings for a call: the per-call override if given, else the config's."""
+        return parse_compression(compression if compression is not None else self.config.compression)
+
+    # ---- the pre-pass ---------------------------------------------------------------------------------------
+    def _vision_feature_layer(self, vision_feature_layer) -> int:
+        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(
+                f"compression supports a single vision_feature_layer (an int), got {layer!r}; "
+                "use compression={'method': 'none'} for multi-layer features"
+            )
+        return layer
+
+    def _attention_inputs(self, hidden_states: tuple, feature_layer: int, settings: MethodConfig):
+        """[CLS] query (P, A) and keys (P, 1 + N, A) of every crop, recomputed from the stored hidden states.
+
+        Layer ``l`` of the encoder reads ``hidden_states[l]``; by default the attention layer is the one that reads
+        the feature layer's output (for LLaVA's -2, the last layer), or the last layer when the features are the
+        final output. The layer's own pre-norm and q/k projections are applied, so no hooks and no
+        ``output_attentions`` are needed and SDPA/FlashAttention stay on.
+        """
+        tower = self.model.vision_tower
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers"):
+            raise ValueError(
+                f"{settings.method!r} reads [CLS] attention, which needs a CLIP-style vision tower with an encoder "
+                f"of attention layers; got {type(tower).__name__}"
+            )
+        layers = encoder.layers
+        num_layers = len(layers)
+        requested = getattr(settings, "cls_attention_layer", None)
+        if requested is None:
+            layer_index = min(feature_layer % (num_layers + 1), num_layers - 1)
+        elif -num_layers <= requested < num_layers:
+            layer_index = requested % num_layers
+        else:
+            raise ValueError(
+                f"cls_attention_layer={requested} is out of range for a vision tower with {num_layers} layers; "
+                f"expected an int in [-{num_layers}, {num_layers - 1}]"
+            )
+        layer = layers[layer_index]
+        normed = layer.layer_norm1(hidden_states[layer_index])  # (P, 1 + N, C)
+        query = layer.self_attn.q_proj(normed[:, 0])  # (P, A)
+        keys = layer.self_attn.k_proj(normed)  # (P, 1 + N, A)
+        return query, keys, layer.self_attn.num_heads
+
+    def _llm_question(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        guidance_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``"llm"`` guidance: the mean of the normalised input embeddings of each prompt's question tokens.
+
+        The question is ``guidance_mask`` (B, L) when the processor gives one, else every real text token; with
+        labels, only tokens whose label is ignored (the prompt, never the answer). Returns (B, D) float32 and
+        has_text (B,) bool.
+        """
+        is_image = input_ids == self.config.image_token_id  # (B, L)
+        if guidance_mask is None:
+            question = ~is_image
+            if attention_mask is not None:
+                question &= attention_mask.bool()
+            if labels is not None:
+                question &= labels == IGNORE_INDEX
+        else:
+            question = guidance_mask.bool() & ~is_image
+        embeds = self.get_input_embeddings()(input_ids).float()  # (B, L, D)
+        embeds = torch.nn.functional.normalize(embeds, dim=-1) * question.unsqueeze(-1)
+        question_sizes = question.sum(dim=1)  # (B,)
+        return embeds.sum(dim=1) / question_sizes.clamp(min=1).unsqueeze(-1), question_sizes > 0
+
+    def _clip_question(
+        self, guidance_input_ids: torch.Tensor | None, guidance_attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``"clip"`` guidance: the CLIP text tower's projected embedding of each prompt's question, (B, P) float32.
+
+        A row whose guidance mask is all zeros has no question (has_text False).
+        """
+        if self.guidance_text_model is None:
+            raise ValueError(
+                "guidance='clip' needs a CLIP text tower, which this model does not have (its config has no "
+                "guidance_text_config); use guidance='llm'"
+            )
+        if guidance_input_ids is None:
+            raise ValueError(
+                "guidance='clip' needs guidance_input_ids (the question tokenized by the guidance tokenizer); "
+                "use LlavaRCProcessor, which makes them"
+            )
+        if guidance_attention_mask is None:
+            guidance_attention_mask = torch.ones_like(guidance_input_ids)
+        if guidance_input_ids.shape[-1] == 0:  # every question empty: nothing to encode
+            batch_size = guidance_input_ids.shape[0]
+            width = self.guidance_text_projection.out_features
+            no_text = torch.zeros(batch_size, dtype=torch.bool, device=guidance_input_ids.device)
+            return torch.zeros(batch_size, width, device=guidance_input_ids.device), no_text
+        pooled = self.guidance_text_model(
+            input_ids=guidance_input_ids, attention_mask=guidance_attention_mask
+        ).pooler_output  # (B, W) the EOS token's state
+        return self.guidance_text_projection(pooled).float(), guidance_attention_mask.bool().any(dim=1)
+
+    @staticmethod
+    def _image_rows(is_image: torch.Tensor, num_images: int, tokens_per_image) -> torch.Tensor:
+        """(I,) the batch row of each image: every placeholder scatters its row to its image (others to a spare).
+
+        tokens_per_image: the placeholder run length, an int or (I,) long.
+        """
+        image_index, _ = image_token_layout(is_image, tokens_per_image)  # (B, L)
+        rows = torch.arange(is_image.shape[0], device=is_image.device).unsqueeze(1).expand_as(image_index)
+        target = torch.where(is_image, image_index, torch.full_like(image_index, num_images))
+        image_row = torch.zeros(num_images + 1, dtype=torch.long, device=is_image.device)
+        return image_row.scatter(0, target.flatten(), rows.flatten())[:num_images]
+
+    def _crop_signals(
+        self,
+        hidden_states: tuple,
+        feature_layer: int,
+        settings: MethodConfig,
+        crop_image: torch.Tensor,
+        image_row: torch.Tensor,
+        question: torch.Tensor | None,
+    ) -> CropSignals:
+        """Everything the method may read, for every crop token: (P, N, ...) tensors.
+
+        crop_image: (P,) the image of each crop; image_row: (I,) the batch row of each image; question: (B, W) the
+        question embedding of each row for text-guided methods, else None.
+        """
+        features = hidden_states[feature_layer][:, 1:]  # (P, N, C) patch tokens without [CLS]
+        signals = CropSignals(features=features)
+        guidance = settings.guidance_source
+        if settings.stage == "projected" or guidance == "llm":
+            signals.projected = self.model.multi_modal_projector(features)  # (P, N, D)
+        with torch.no_grad():
+            if settings.needs_attention:
+                query, keys, num_heads = self._attention_inputs(hidden_states, feature_layer, settings)
+                # Each crop's own [CLS] attention, softmax over that crop ([CLS] + all its N patches).
+                crops = CompressionInputs(features=features, cls_query=query, attention_keys=keys, num_heads=num_heads)
+                signals.attention_per_head = cls_attention(crops, per_head=True)  # (P, N)
+                signals.attention_joint = cls_attention(crops, per_head=False)  # (P, N)
+                signals.keys, signals.num_heads = keys[:, 1:], num_heads  # (P, N, A)
+            if guidance is not None:
+                if guidance == "llm":
+                    patches = signals.projected.detach()  # (P, N, D)
+                else:
+                    # CLIP's own image-text space: the final layer's patch tokens, post-norm, visual projection.
+                    final_patches = self.model.vision_tower.post_layernorm(hidden_states[-1][:, 1:])  # (P, N, C)
+                    patches = self.guidance_visual_projection(final_patches)  # (P, N, W)
+                crop_question = question.to(patches.device)[image_row.to(patches.device)[crop_image]]  # (P, W)
+                signals.text_scores = torch.nn.functional.cosine_similarity(
+                    patches.float(), crop_question.unsqueeze(1), dim=-1
+                )  # (P, N)
+                signals.guidance_dim = patches.shape[-1]
+        return signals
+
+    def _compress_group(
+        self,
+        signals: CropSignals,
+        layouts: list[ImageLayout],
+        has_text: torch.Tensor | None,
+        settings: MethodConfig,
+    ) -> tuple[torch.Tensor, TokenPlan, torch.Tensor]:
+        """Compress images of one layout shape in one method call.
+
+        layouts: the images' layouts (same ``shape_key``); has_text: (I_g,) or None.
+        Returns (tokens (I_g, K, D) in reading order, the plan in that order with counts including newlines,
+        absorbed (I_g, K, M)).
+        """
+        device = signals.features.device
+        first = layouts[0]
+        is_token = first.token_index != NEWLINE  # (T,) the same for every image of the group
+        index = host_to_device(torch.stack([layout.token_index[is_token] for layout in layouts]), device)  # (I_g, M)
+
+        def gather(per_crop: torch.Tensor | None) -> torch.Tensor | None:
+            """(P, N, ...) per crop token -> (I_g, M, ...) per image token in reading order."""
+            return None if per_crop is None else per_crop.flatten(0, 1)[index]
+
+        views = first.views
+        features = signals.projected if settings.stage == "projected" else signals.features
+        inputs = CompressionInputs(
+            features=gather(features).detach(),
+            num_heads=signals.num_heads,
+            grid=views[0] if len(views) == 1 else None,
+            views=views if len(views) > 1 else None,
+            attention_per_head=gather(signals.attention_per_head),
+            attention_joint=gather(signals.attention_joint),
+            keys=gather(signals.keys),
+            text_scores=gather(signals.text_scores),
+            guidance_dim=signals.guidance_dim,
+            has_text=has_text,
+        )
+        with torch.no_grad():
+            plan: TokenPlan = method_function(settings)(inputs, settings)
+        num_patches = inputs.num_patches
+        if settings.stage == "projected":
+            tokens = apply_plan(gather(signals.projected), plan)  # (I_g, K, D)
+        else:
+            tokens = self.model.multi_modal_projector(apply_plan(gather(signals.features), plan))  # (I_g, K, D)
+        absorbed = plan.absorbed_for(num_patches)  # (I_g, K, M)
+        if bool(is_token.all()):
+            return tokens, plan, absorbed
+        return self._with_newlines(tokens, plan, absorbed, first.token_index)
+
+    def _with_newlines(
+        self, tokens: torch.Tensor, plan: TokenPlan, absorbed: torch.Tensor, token_index: torch.Tensor
+    ) -> tuple[torch.Tensor, TokenPlan, torch.Tensor]:
+        """Add every newline token and put all output tokens in reading order.
+
+        A kept or merged token sits where its source patch was; each newline ends its row; tokens that stand for no
+        single patch (RC's extra token) come last. tokens: (I_g, K, D); token_index: (T,) the group's layout.
+        """
+        num_images, num_slots, width = tokens.shape
+        device = tokens.device
+        length = token_index.shape[0]
+        is_token = token_index != NEWLINE
+        reading_position = host_to_device(is_token.nonzero().flatten(), device)  # (M,) where each patch is read
+        newline_position = host_to_device((~is_token).nonzero().flatten(), device)  # (R,) where each newline is read
+        num_newlines = newline_position.shape[0]
+        slot = torch.arange(num_slots, device=device).expand(num_images, num_slots)  # (I_g, K)
+        source = plan.source_index  # (I_g, K)
+        key = torch.where(source >= 0, reading_position[source.clamp(min=0)], length + slot)  # synthetic: after all
+        key = torch.where(slot < plan.counts.unsqueeze(-1), key, length + num_slots + slot)  # padding: last
+        key = torch.cat([key, newline_position.expand(num_images, num_newlines)], dim=1)  # (I_g, K + R)
+        order = key.argsort(dim=1, stable=True)  # (I_g, K + R)
+
+        newline = self._image_newline().to(tokens.device, tokens.dtype)
+        tokens = torch.cat([tokens, newline.expand(num_images, num_newlines, width)], dim=1)  # (I_g, K + R, D)
+        tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, width))
+        source = torch.cat([source, source.new_full((num_images, num_newlines), -1)], dim=1).gather(1, order)
+        absorbed = torch.cat([absorbed, absorbed.new_zeros(num_images, num_newlines, absorbed.shape[-1])], dim=1)
+        absorbed = absorbed.gather(1, order.unsqueeze(-1).expand(-1, -1, absorbed.shape[-1]))  # (I_g, K + R, M)
+        return tokens, TokenPlan(source_index=source, counts=plan.counts + num_newlines), absorbed
+
+    def compress_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        settings: MethodConfig | None = None,
+        vision_feature_layer: int | None = None,
+        vision_feature_select_strategy: str | None = None,
+        guidance_mask: torch.Tensor | None = None,
+        guidance_input_ids: torch.Tensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        pad_left: bool | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> CompressedBatch:
+        """Encode the images once, compress them, and rebuild the batch around the kept tokens.
+
+        input_ids: (B, L) with each image expanded to its placeholder run; pixel_values: the images in reading
+        order ((I, 3, H, W) for LLaVA-1.5; (I, P, 3, H, W) crops with ``image_sizes`` (I, 2) for LLaVA-NeXT);
+        attention_mask, labels, guidance_mask: (B, L) or None; guidance_input_ids, guidance_attention_mask: (B, T)
+        the question for the CLIP text tower, or None. pad_left: re-pad side; None keeps the caller's side (left
+        when any row starts with padding).
+        """
+        settings = settings if settings is not None else self.compression_settings()
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        if strategy != "default":
+            raise ValueError(
+                f"compression needs vision_feature_select_strategy='default' (patch tokens without [CLS]), "
+                f"got {strategy!r}"
+            )
+        feature_layer = self._vision_feature_layer(vision_feature_layer)
+        image_token_id = self.config.image_token_id
+        is_image = input_ids == image_token_id
+        crops, crops_per_image = self._image_crops(pixel_values, image_sizes)
+        layouts = self._image_token_layouts(crops_per_image, image_sizes)
+        num_images = len(layouts)
+        run_lengths = [layout.token_index.shape[0] for layout in layouts]
+        patch_counts = [int((layout.token_index != NEWLINE).sum()) for layout in layouts]  # host tensors
+        # One host sync for validation: clear errors instead of silently misaligned tokens. The same transfer
+        # brings each row's placeholder and real text counts, from which the rebuilt width follows on the host
+        # when the kept counts are fixed (no second sync in pack_sequences).
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
+        host_counts = torch.cat(
+            [
+                torch.stack(
+                    [
+                        is_image.sum(),
+                        (~real[:, 0]).any().long(),
+                        (is_image & ~real).sum(),
+                    ]
+                ),
+                is_image.sum(dim=1),  # (B,) placeholders per row
+                (real & ~is_image).sum(dim=1),  # (B,) real text tokens per row
+            ]
+        ).tolist()
+        num_placeholders, starts_with_padding, masked_placeholders = host_counts[:3]
+        row_placeholders = host_counts[3 : 3 + input_ids.shape[0]]
+        row_text = host_counts[3 + input_ids.shape[0] :]
+        if num_placeholders == 0:
+            raise ValueError(
+                f"pixel_values holds {num_images} image(s) but input_ids has no image token "
+                f"(id {image_token_id}); put the processor's image placeholder in the prompt"
+            )
+        if num_placeholders != sum(run_lengths):
+            per_image = f"{run_lengths[0]} patches each" if len(set(run_lengths)) == 1 else f"{run_lengths} tokens"
+            raise ValueError(
+                f"input_ids has {num_placeholders} image tokens but pixel_values holds {num_images} image(s) of "
+                f"{per_image} (expected {sum(run_lengths)} image tokens)"
+            )
+        if pad_left is None:
+            pad_left = bool(starts_with_padding)
+        tokens_per_image = (
+            run_lengths[0]
+            if len(set(run_lengths)) == 1
+            else torch.tensor(run_lengths, dtype=torch.long, device=input_ids.device)
+        )
+
+        vision_tower = self.model.vision_tower
+        hidden_states = vision_tower(
+            crops.to(vision_tower.dtype), output_hidden_states=True, return_dict=True
+        ).hidden_states
+        device = hidden_states[0].device
+        crop_image = torch.repeat_interleave(
+            torch.arange(num_images, device=device), host_to_device(crops_per_image, device)
+        )  # (P,)
+        image_row = question = image_has_text = None
+        if settings.guidance_source is not None:
+            image_row = self._image_rows(is_image, num_images, tokens_per_image).to(device)  # (I,)
+            if settings.guidance_source == "llm":
+                with torch.no_grad():
+                    question, has_text = self._llm_question(input_ids, attention_mask, labels, guidance_mask)
+            else:
+                with torch.no_grad():
+                    question, has_text = self._clip_question(guidance_input_ids, guidance_attention_mask)
+            image_has_text = has_text.to(device)[image_row]  # (I,)
+        signals = self._crop_signals(hidden_states, feature_layer, settings, crop_image, image_row, question)
+
+        # One batched method call per layout shape (images of one size share it): a loop over image geometries.
+        groups: dict[tuple, list[int]] = {}
+        for image, layout in enumerate(layouts):
+            groups.setdefault(layout.shape_key, []).append(image)
+        results = []
+        for members in groups.values():
+            member_index = host_to_device(members, device)
+            has_text = image_has_text[member_index] if image_has_text is not None else None
+            results.append((member_index, *self._compress_group(signals, [layouts[i] for i in members], has_text,
+                                                                 settings)))
+        if len(results) == 1:
+            _, image_tokens, plan, absorbed = results[0]
+        else:
+            image_tokens, plan, absorbed = self._merge_groups(results, num_images)
+        # With fixed counts (a budget) the rebuilt width is known on the host: pack_sequences need not read it.
+        fixed = [settings.fixed_count(layout.views) for layout in layouts]
+        new_length = None
+        if masked_placeholders == 0 and None not in fixed:
+            host_kept = [count + runs - patches for count, runs, patches in zip(fixed, run_lengths, patch_counts)]
+            new_length = packed_width(row_placeholders, row_text, run_lengths, host_kept)
+        packed = pack_sequences(
+            input_ids,
+            attention_mask,
+            labels,
+            image_token_id=image_token_id,
+            tokens_per_image=tokens_per_image,
+            kept_counts=plan.counts,
+            slots_per_image=image_tokens.shape[1],
+            pad_token_id=self._pad_token_id(),
+            pad_left=pad_left,
+            new_length=new_length,
+        )
+        text_embeds = self.get_input_embeddings()(packed.input_ids)  # (B, L', D)
+        inputs_embeds = fill_image_slots(text_embeds, image_tokens, packed.image_slot)
+        report = CompressionReport(
+            method=settings.to_dict(),
+            num_patches=absorbed.shape[-1],
+            kept_counts=plan.counts,
+            source_index=plan.source_index,
+            absorbed=absorbed,
+            patch_counts=host_to_device(patch_counts, device),
+            newline_counts=host_to_device([runs - patches for runs, patches in zip(run_lengths, patch_counts)], device),
+        )
+        return CompressedBatch(inputs_embeds=inputs_embeds, packed=packed, report=report)
+
+    @staticmethod
+    def _merge_groups(results: list, num_images: int) -> tuple[torch.Tensor, TokenPlan, torch.Tensor]:
+        """Per-group (image indices, tokens, plan, absorbed) -> one (I, K, ...) batch padded to the largest K, M."""
+        max_slots = max(tokens.shape[1] for _, tokens, _, _ in results)
+        max_patches = max(absorbed.shape[-1] for _, _, _, absorbed in results)
+        _, first_tokens, first_plan, _ = results[0]
+        device = first_tokens.device
+        tokens = first_tokens.new_zeros(num_images, max_slots, first_tokens.shape[-1])  # (I, K, D)
+        source = torch.full((num_images, max_slots), -1, dtype=torch.long, device=device)  # (I, K)
+        counts = first_plan.counts.new_zeros(num_images)  # (I,)
+        absorbed = torch.zeros(num_images, max_slots, max_patches, dtype=torch.bool, device=device)  # (I, K, M)
+        for members, group_tokens, plan, group_absorbed in results:
+            slots, patches = group_absorbed.shape[1], group_absorbed.shape[2]
+            tokens = tokens.index_copy(0, members, nn.functional.pad(group_tokens, (0, 0, 0, max_slots - slots)))
+            source[members, :slots] = plan.source_index
+            counts[members] = plan.counts
+            absorbed[members, :slots, :patches] = group_absorbed
+        return tokens, TokenPlan(source_index=source, counts=counts), absorbed
+
+    def _pad_token_id(self) -> int:
+        for candidate in (
+            self.generation_config.pad_token_id,
+            getattr(self.config, "pad_token_id", None),
+            getattr(self.config.text_config, "pad_token_id", None),
+        ):
+            if isinstance(candidate, int):
+                return candidate
+        return 0
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        compression: dict | None = None,
+        guidance_mask: torch.Tensor | None = None,
+        guidance_input_ids: torch.Tensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        r"""
+        Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first
+        and the returned logits, ``labels`` and ``attention_mask`` are at the compressed length (positions are
+        recounted over the rebuilt mask).
+
+        compression (`dict`, *optional*): settings for this call only, e.g. ``{"method": "cls_attention",
+            "budget": 64}``; defaults to ``config.compression``.
+        guidance_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on the question's
+            tokens, for text-guided methods (the processor makes it); defaults to every text token of the prompt.
+        guidance_input_ids, guidance_attention_mask (`torch.Tensor` of shape `(batch_size, guidance_length)`,
+            *optional*): the question tokenized for the CLIP text tower (``guidance="clip"``; the processor makes
+            them). An all-zero mask row means the prompt has no question.
+        """
+        settings = self.compression_settings(compression)
+        if pixel_values is None or settings.method == "none":
+            return super().forward(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                image_sizes=image_sizes,
+                **kwargs,
+            )
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError(
+                "compression needs input_ids (to find the image placeholders) and no inputs_embeds; "
+                "pass input_ids, or compression={'method': 'none'}"
+            )
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                "pixel_values with a non-empty past_key_values: compression rebuilds the whole prompt, so images "
+                "must come with the first forward of a sequence"
+            )
+        if position_ids is not None:
+            logger.warning_once("position_ids are recomputed over the compressed sequence; the given ones are unused")
+        batch = self.compress_inputs(
+            input_ids,
+            pixel_values,
+            attention_mask=attention_mask,
+            labels=labels,
+            settings=settings,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            guidance_mask=guidance_mask,
+            guidance_input_ids=guidance_input_ids,
+            guidance_attention_mask=guidance_attention_mask,
+            image_sizes=image_sizes,
+        )
+        packed = batch.packed
+        outputs = super().forward(
+            input_ids=None,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=batch.inputs_embeds,
+            labels=packed.labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        return LlavaRCCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+            labels=packed.labels,
+            attention_mask=packed.attention_mask,
+            compression=batch.report,
+        )
+
+    # ---- generate -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, compression: dict | None = None, **kwargs):
+        r"""Stock ``generate()`` with the image tokens compressed once, before the prefill.
+
+        The returned sequences start with the caller's own ``input_ids``, so ``out[:, input_ids.shape[1]:]`` is
+        exactly the new text. With ``return_dict_in_generate=True`` the output also carries ``compression``
+        (a `CompressionReport`). Streamers see the compressed prompt first. Absolute ``max_length``/``min_length``
+        keep their meaning relative to the caller's prompt.
+
+        compression (`dict`, *optional*): settings for this call only; defaults to ``config.compression``.
+        """
+        settings = self.compression_settings(compression)
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None or settings.method == "none":
+            for name in GUIDANCE_INPUTS:
+                kwargs.pop(name, None)
+            if pixel_values is not None:
+                # forward() sees the per-call settings too, so a "none" override stays off in the prefill.
+                kwargs["compression"] = settings.to_dict()
+            return super().generate(input_ids, **kwargs)
+        if input_ids is None or kwargs.get("inputs_embeds") is not None:
+            raise ValueError("compression needs input_ids (to find the image placeholders) and no inputs_embeds")
+        if kwargs.get("assistant_model") is not None:
+            raise ValueError("assisted decoding is not supported with compression (it cannot start from embeddings)")
+
+        kwargs.pop("pixel_values")
+        attention_mask = kwargs.pop("attention_mask", None)
+        batch = self.compress_inputs(
+            input_ids,
+            pixel_values,
+            attention_mask=attention_mask,
+            settings=settings,
+            vision_feature_layer=kwargs.pop("vision_feature_layer", None),
+            vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
+            guidance_mask=kwargs.pop("guidance_mask", None),
+            guidance_input_ids=kwargs.pop("guidance_input_ids", None),
+            guidance_attention_mask=kwargs.pop("guidance_attention_mask", None),
+            pad_left=True,
+            image_sizes=kwargs.pop("image_sizes", None),
+        )
+        packed = batch.packed
+        self._shift_absolute_lengths(kwargs, packed.input_ids.shape[1] - input_ids.shape[1])
+        outputs = super().generate(
+            input_ids=packed.input_ids,
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=packed.attention_mask,
+            **kwargs,
+        )
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        copies = sequences.shape[0] // input_ids.shape[0]  # beams / num_return_sequences
+        new_tokens = sequences[:, packed.input_ids.shape[1] :]
+        restored = torch.cat([input_ids.to(sequences.device).repeat_interleave(copies, dim=0), new_tokens], dim=1)
+        if isinstance(outputs, torch.Tensor):
+            return restored
+        outputs.sequences = restored
+        outputs["compression"] = batch.report
+        return outputs
+
+    def _shift_absolute_lengths(self, kwargs: dict, delta: int) -> None:
+        """Keep absolute ``max_length``/``min_length`` relative to the caller's prompt after it changed by delta."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        max_new_tokens = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if max_new_tokens is None:
+            max_length = kwargs.get("max_length", generation_config.max_length)
+            if max_length is not None:
+                kwargs["max_length"] = max(1, max_length + delta)
+        min_new_tokens = kwargs.get("min_new_tokens", generation_config.min_new_tokens)
+        min_length = kwargs.get("min_length", generation_config.min_length)
+        if min_new_tokens is None and min_length:
+            kwargs["min_length"] = max(0, min_length + delta)
+
+
+__all__ = [
+    "NEWLINE",
+    "CompressedGenerationMixin",
+    "CompressionReport",
+    "ImageLayout",
+    "LlavaRCCausalLMOutputWithPast",
+]

@@ -1,0 +1,266 @@
+"""The contract every compression method shares: what it reads, what it returns, and small shared helpers.
+
+A method is a pure function ``method(inputs: CompressionInputs, config) -> TokenPlan``. It reads tensors only (no
+modules, no hooks, no globals) and returns a *plan*: which original patches each output token stands for and, for
+merging methods, the weights with which originals are combined. The model applies the plan to the features, so
+that the decision is computed once under ``no_grad`` and gradients still flow through the applied features.
+
+Shapes: ``I`` images in the batch, ``N`` patches per image, ``K`` output tokens per image (padded to the largest
+count in the batch), ``C`` feature width, ``A`` width of the attention layer's q/k projections.
+
+Multi-crop images (LLaVA-NeXT anyres): the N tokens of an image are the concatenation of several raster-ordered
+*views* (``CompressionInputs.views``: the base view, then the unpadded high-resolution grid), newline tokens
+excluded. Such tokens come from several vision-encoder crops, each with its own [CLS], so there is no single
+[CLS] query per image: the model then passes the [CLS] attention precomputed per crop (``attention_per_head``,
+``attention_joint``) and the patch keys (``keys``) instead of ``cls_query``/``attention_keys``.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CompressionInputs:
+    """What the model hands to a method, all on the model's device.
+
+    features: (I, N, C) the tokens to compress: vision features before the projector for methods of stage
+        ``"vision"``, projected features for stage ``"projected"``.
+    cls_query: (I, A) query projection of the [CLS] token at the attention layer (all heads concatenated), or None
+        when the method does not ask for attention.
+    attention_keys: (I, 1 + N, A) key projections at that layer, [CLS] first then the patches in raster order.
+    num_heads: number of attention heads of that layer (A = num_heads * head_dim).
+    text_scores: (I, N) float32 cosine similarity of each patch to the question of the image's prompt (in
+        [-1, 1]), or None when the method does not ask for text guidance.
+    guidance_dim: width of the space the cosine was taken in (RC scales scores by 1 / sqrt(guidance_dim)).
+    has_text: (I,) bool, False where the prompt has no question (the method must then act vision-only).
+    grid: (rows, cols) of the patch grid, rows * cols == N (single-view images).
+    views: ((rows, cols), ...) when the N tokens are several raster-ordered views one after another (LLaVA-NeXT:
+        base view, then the unpadded high-resolution grid), sum of rows * cols == N; None = the one view ``grid``.
+    attention_per_head, attention_joint: (I, N) float32 [CLS] attention computed by the model, as
+        ``cls_attention(..., per_head=True)`` and ``(..., per_head=False)`` return it; for multi-crop images each
+        token's attention comes from its own crop's [CLS] (softmax over that crop). None: computed from
+        ``cls_query``/``attention_keys``.
+    keys: (I, N, A) patch keys when ``attention_keys`` is not given (multi-crop images).
+    """
+
+    features: torch.Tensor
+    cls_query: torch.Tensor | None = None
+    attention_keys: torch.Tensor | None = None
+    num_heads: int = 1
+    text_scores: torch.Tensor | None = None
+    guidance_dim: int = 1
+    has_text: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    views: tuple[tuple[int, int], ...] | None = None
+    attention_per_head: torch.Tensor | None = None
+    attention_joint: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+    @property
+    def num_images(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def patch_keys(self) -> torch.Tensor:
+        """(I, N, A) key projections of the patches (without [CLS])."""
+        return self.keys if self.keys is not None else self.attention_keys[:, 1:]
+
+    @property
+    def view_grids(self) -> tuple[tuple[int, int], ...]:
+        """The (rows, cols) of each view, in token order: ``views``, or the single ``grid``."""
+        return self.views if self.views is not None else (self.grid,)
+
+
+@dataclass
+class TokenPlan:
+    """A method's decision for a batch of images.
+
+    source_index: (I, K) long, the original patch each output token stands for (for a merged token, the patch it
+        was anchored at); -1 for synthetic tokens that stand for no single patch and for padding past ``counts``.
+    counts: (I,) long, how many of the K output tokens are real for each image.
+    merge_weights: (I, K, N) float32 or None. Output token k is sum_n merge_weights[k, n] * features[n]; rows past
+        ``counts`` are zero. None means pure selection: output token k is features[source_index[k]].
+    """
+
+    source_index: torch.Tensor
+    counts: torch.Tensor
+    merge_weights: torch.Tensor | None = None
+
+    def absorbed_for(self, num_patches: int) -> torch.Tensor:
+        """(I, K, N) bool: which original patches contributed to each output token."""
+        if self.merge_weights is not None:
+            return self.merge_weights != 0
+        valid = self.source_index >= 0  # (I, K)
+        one_hot = torch.nn.functional.one_hot(self.source_index.clamp(min=0), num_patches).bool()  # (I, K, N)
+        return one_hot & valid.unsqueeze(-1)
+
+
+def resolve_budget(budget: int | float, num_patches: int) -> int:
+    """Tokens to keep per image for a budget given as a count (int) or a ratio of the patches (float in (0, 1]).
+
+    A count is clamped to ``num_patches``; a ratio keeps ``floor(ratio * num_patches)`` tokens, at least one.
+    """
+    if isinstance(budget, bool):
+        raise ValueError(f"budget must be an int count or a float ratio, got {budget!r}")
+    if isinstance(budget, int):
+        return max(1, min(budget, num_patches))
+    return max(1, min(num_patches, math.floor(budget * num_patches + 1e-9)))
+
+
+def validate_budget(budget, *, allow_none: bool = True) -> None:
+    """Raise ValueError unless ``budget`` is None (when allowed), an int >= 1, or a float in (0, 1]."""
+    if budget is None and allow_none:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"budget must be an int >= 1 (tokens per image) or a float in (0, 1] (ratio), got {budget!r}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"budget as a token count must be >= 1, got {budget}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget as a ratio must be in (0, 1], got {budget}")
+
+
+def cls_attention(inputs: CompressionInputs, per_head: bool = True) -> torch.Tensor:
+    """(I, N) float32 attention of [CLS] to each patch, recomputed from the stored q/k projections.
+
+    per_head=True: softmax per head, then the mean over heads (the layer's own attention, as FasterVLM reads it).
+    per_head=False: a single softmax over all heads concatenated, scaled by sqrt(A) (as RC's released code does).
+    The softmax runs over [CLS] and the patches; the [CLS] column is dropped afterwards. When the model precomputed
+    the attention (``inputs.attention_per_head``/``attention_joint``, multi-crop images), that is returned.
+    """
+    precomputed = inputs.attention_per_head if per_head else inputs.attention_joint
+    if precomputed is not None:
+        return precomputed.float()
+    query = inputs.cls_query.float()  # (I, A)
+    keys = inputs.attention_keys.float()  # (I, 1 + N, A)
+    if per_head:
+        num_images, num_tokens, width = keys.shape
+        head_dim = width // inputs.num_heads
+        query = query.view(num_images, inputs.num_heads, 1, head_dim)  # (I, H, 1, d)
+        keys = keys.view(num_images, num_tokens, inputs.num_heads, head_dim).transpose(1, 2)  # (I, H, 1 + N, d)
+        logits = (query @ keys.transpose(-1, -2)).squeeze(-2) / math.sqrt(head_dim)  # (I, H, 1 + N)
+        attention = logits.softmax(dim=-1).mean(dim=1)  # (I, 1 + N)
+    else:
+        logits = torch.einsum("ia,ina->in", query, keys) / math.sqrt(keys.shape[-1])  # (I, 1 + N)
+        attention = logits.softmax(dim=-1)
+    return attention[:, 1:]
+
+
+def select_plan(scores: torch.Tensor, count: int) -> TokenPlan:
+    """Keep the ``count`` highest-scoring patches of every image, returned in raster order.
+
+    scores: (I, N) float; count: tokens kept per image (a fixed budget, known on the host: no sync). Ties are
+    broken towards the lower patch index, so the result is deterministic and does not depend on the other images.
+    """
+    # Mark the chosen patches, then read them back in raster order.
+    return plan_from_mask(select_mask(scores, count), count)
+
+
+def select_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """(I, N) bool marking the ``count`` highest-scoring patches of every image (ties: lower index first)."""
+    num_images, num_patches = scores.shape
+    order = stable_descending_order(scores)  # (I, N)
+    rank_valid = (torch.arange(num_patches, device=scores.device) < count).expand(num_images, num_patches)
+    return torch.zeros_like(rank_valid).scatter(1, order, rank_valid)  # (I, N) bool
+
+
+def stable_topk_indices(values: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """(..., k) indices of the ``k`` largest (or smallest) values along the last dim, in stable-sort order.
+
+    values: (..., N) float, compared in float32. Returns exactly
+    ``sort(values.float(), descending=largest, stable=True).indices[..., :k]``
+    (equal values in ascending index order; -0.0 equals 0.0; no NaN expected) at the cost of a top-k instead of a
+    full sort: each float becomes an order-preserving integer (its IEEE bits, magnitude bits flipped for negatives)
+    with the index in the low digits as the tie-break, so every key is unique and ``topk`` has no ties to break.
+    """
+    num_values = values.shape[-1]
+    bits = (values.float() + 0.0).view(torch.int32)  # (..., N); + 0.0 turns -0.0 into 0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # (..., N) same order as the floats: negatives' magnitude flipped
+    index = torch.arange(num_values, device=values.device)  # (N,)
+    tie_break = (num_values - 1 - index) if largest else index  # lower index first
+    keys = ordered.long().mul_(num_values).add_(tie_break)  # (..., N) unique int64 keys
+    return keys.topk(k, dim=-1, largest=largest, sorted=True).indices
+
+
+def stable_descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """(I, N) patch indices sorted by descending score, ties in ascending index order."""
+    return torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+
+
+def plan_from_mask(chosen: torch.Tensor, max_count: int | None = None) -> TokenPlan:
+    """A selection plan keeping the patches where ``chosen`` (I, N) is True, in raster order."""
+    num_images, num_patches = chosen.shape
+    counts = chosen.sum(dim=-1)  # (I,)
+    if max_count is None:
+        max_count = int(counts.max()) if num_images else 0
+    positions = torch.arange(num_patches, device=chosen.device).expand(num_images, num_patches)
+    # Chosen patches sort first (key = index), unchosen last (key = index + N); the first max_count are the answer.
+    keys = torch.where(chosen, positions, positions + num_patches)
+    source_index = keys.sort(dim=-1).values[:, :max_count]  # (I, K)
+    source_index = torch.where(source_index < num_patches, source_index, torch.full_like(source_index, -1))
+    return TokenPlan(source_index=source_index, counts=counts)
+
+
+def apply_plan(features: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
+    """(I, K, C) output tokens of a plan, in the dtype of ``features``; rows past ``counts`` are zero."""
+    if plan.merge_weights is not None:
+        merged = torch.bmm(plan.merge_weights.to(torch.float32), features.float())  # (I, K, C)
+        return merged.to(features.dtype)
+    index = plan.source_index.clamp(min=0).unsqueeze(-1).expand(-1, -1, features.shape[-1])  # (I, K, C)
+    gathered = features.gather(1, index)
+    return gathered * (plan.source_index >= 0).unsqueeze(-1).to(features.dtype)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's validated settings. Subclasses are frozen dataclasses, one field per setting.
+
+    Class attributes tell the model what the method needs:
+    stage: ``"vision"`` compresses the vision features before the projector, ``"projected"`` after it.
+    needs_attention: whether ``CompressionInputs.cls_query``/``attention_keys`` must be computed.
+    Methods guided by text carry a ``guidance`` field (``"llm"`` or ``"clip"``).
+    """
+
+    method = "none"
+    stage = "vision"
+    needs_attention = False
+
+    @property
+    def guidance_source(self) -> str | None:
+        """``"llm"``/``"clip"`` when the method reads ``text_scores``, else None."""
+        return getattr(self, "guidance", None)
+
+    def fixed_count(self, views: tuple[tuple[int, int], ...]) -> int | None:
+        """Tokens the method keeps of an image whose patches form ``views`` ((rows, cols), ...), when the settings
+        alone fix it (a ``budget``: ``resolve_budget(budget, M)``, M the views' tokens), else None (adaptive).
+
+        The model uses it to learn the rebuilt sequence width on the host (no device read); a method whose counts
+        are fixed in another way overrides it.
+        """
+        budget = getattr(self, "budget", None)
+        if budget is None:
+            return None
+        return resolve_budget(budget, sum(rows * cols for rows, cols in views))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **{name: getattr(self, name) for name in self.__dataclass_fields__}}
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raise ValueError naming ``name``, the bad ``value`` and the allowed values."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def check_range(name: str, value, low=None, high=None, *, integer: bool = False) -> None:
+    """Raise ValueError unless ``low <= value <= high`` (and an int when ``integer``)."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")

@@ -1,0 +1,231 @@
+"""Recoverable Compression (RC, arXiv 2409.01179): keep, recover, merge.
+
+For each image, with ``a`` the [CLS] attention to the N patches (one softmax over [CLS] + patches with all heads
+concatenated, as the released code computes it) and ``s`` the text scores (cosine of each patch to the question,
+divided by sqrt(guidance_dim)); ``LOF_k(v)`` counts the values of ``v`` that the Local Outlier Factor with ``k``
+neighbours flags (``compression_lof``), and ``r = LOF_k(v) / len(v)`` is RC's dynamic ratio:
+
+1. Visual keep: ``n_v = floor(N * r(a; lof_neighbors_visual))`` = ``LOF(a)``; ``I_v`` = the top ``n_v`` by ``a``.
+2. Recovery: set ``s`` on ``I_v`` to ``min(s)``, then ``n_t = floor((N - n_v) * r(s; lof_neighbors_text))``, the
+   ratio taken over all N values of the replaced ``s`` (the released code replaces, then runs LOF on the whole
+   vector); ``I_t`` = the top ``n_t`` by ``s`` among the patches outside ``I_v``. No recovery (``n_t = 0``) where
+   the prompt has no question or no text scores are given (``guidance=None``).
+3. Kept tokens ``I_v | I_t`` in raster order.
+4. Merge: of the remaining patches R, ``n_c = floor(|R| * r(a_R; lof_neighbors_merge))`` with the highest ``a``
+   become cluster centres. Each centre absorbs its ``merge_neighbors`` best non-centre remaining patches by
+   ``cosine(key_centre, key_m) + text_weight * s_m`` (text term 0 without text; all of them when fewer exist):
+   ``x_centre + sum_m a_m x_m``, unnormalised as released. Candidates are chosen independently per centre (an
+   independent top-k per centre in the released code too), so one patch may feed several centres.
+5. One extra token ``sum_m a_m x_m`` over all non-centre remaining patches; dropped with R when ``n_c = 0``.
+
+Output per image: [kept (raster order); centres (descending ``a``); extra token]; ties in every ranking go to the
+lower patch index. Floors are taken in exact integer arithmetic (``floor(N * count / N) == count``).
+
+Fixed budget (``budget`` not None): exactly ``B = resolve_budget(budget, N)`` tokens per image, split in the
+proportions of the adaptive plan. The adaptive counts ``n_v, n_t, n_c`` are computed as above; then
+- ``B == N``: all patches are kept; ``B == 1``: the top patch by ``a`` alone;
+- otherwise one slot is reserved for the extra token and the other ``B - 1`` go to centres
+  ``floor((B - 1) * n_c / D)``, recovered ``floor((B - 1) * n_t / D)`` and visual tokens (the rest), with
+  ``D = n_v + n_t + n_c`` (``D == 0``: all visual). The sets are then chosen with these counts by the rankings of
+  steps 1-4, so visual tokens beyond ``n_v`` are the next by ``a`` and a trim drops the lowest-ranked first. At
+  least two patches always remain for the extra token, so none is lost.
+
+Deviations from the released code (bugs fixed):
+- the number of centres is taken from the remaining tokens |R|, not from the feature (channel) dimension;
+- keys of the remaining tokens are gathered with their patch indices, not R-relative indices into the full keys;
+- LOF and the merge run on the device, vectorised (torch LOF instead of sklearn on the CPU; no per-centre loop);
+- any batch size (counts differ per image; padded to the largest count), not batch size 1 only.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .compression_common import CompressionInputs, MethodConfig, TokenPlan, check_choice, check_range
+from .compression_common import cls_attention, resolve_budget, stable_descending_order, stable_topk_indices
+from .compression_common import validate_budget
+from .compression_lof import lof_outlier_count
+
+
+@dataclass(frozen=True)
+class RCConfig(MethodConfig):
+    """Settings of ``"rc"``.
+
+    guidance: source of the text-patch scores: ``"llm"`` (the LLM's embedding of the question), ``"clip"`` (the
+        CLIP text tower vs the CLIP visual projection, as released) or None (vision-only: no recovery, no text term).
+    lof_neighbors_visual: LOF neighbours for the visual keep ratio over the [CLS] attention (paper: 20).
+    lof_neighbors_text: LOF neighbours for the recovery ratio over the text scores (paper: 20).
+    lof_neighbors_merge: LOF neighbours for the number of cluster centres among the remaining tokens (paper: 10).
+    merge_neighbors: remaining tokens each cluster centre absorbs (paper: 32).
+    text_weight: weight of the text score next to the key cosine when a centre picks its tokens (released: 50).
+    cls_attention_layer: vision layer whose [CLS] attention is read; None = the layer that reads the feature
+        layer's output (for LLaVA's feature layer -2, the last layer, as released).
+    budget: None = the adaptive count per image (the paper); an int count or a float ratio of the patches =
+        exactly ``resolve_budget(budget, N)`` tokens per image (split described in the module docstring).
+    """
+
+    method = "rc"
+    stage = "vision"
+    needs_attention = True
+
+    guidance: str | None = "llm"
+    lof_neighbors_visual: int = 20
+    lof_neighbors_text: int = 20
+    lof_neighbors_merge: int = 10
+    merge_neighbors: int = 32
+    text_weight: float = 50.0
+    cls_attention_layer: int | None = None
+    budget: int | float | None = None
+
+    def __post_init__(self):
+        if self.guidance is not None:
+            check_choice("guidance (or None for vision-only)", self.guidance, {"llm", "clip"})
+        check_range("lof_neighbors_visual", self.lof_neighbors_visual, 1, None, integer=True)
+        check_range("lof_neighbors_text", self.lof_neighbors_text, 1, None, integer=True)
+        check_range("lof_neighbors_merge", self.lof_neighbors_merge, 1, None, integer=True)
+        check_range("merge_neighbors", self.merge_neighbors, 1, None, integer=True)
+        check_range("text_weight", self.text_weight, 0.0, None)
+        if self.cls_attention_layer is not None:
+            check_range("cls_attention_layer", self.cls_attention_layer, integer=True)
+        validate_budget(self.budget, allow_none=True)
+
+
+def _descending_rank(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """(I, N) long: each patch's place among the eligible patches by descending score (ties: lower index first).
+
+    Ineligible patches rank after all eligible ones, so ``rank < count`` selects the top ``count`` eligible.
+    """
+    order = stable_descending_order(scores.masked_fill(~eligible, float("-inf")))  # (I, N) patch per place
+    places = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)  # (I, N)
+    return torch.empty_like(order).scatter_(1, order, places)
+
+
+def _text_guidance(inputs: CompressionInputs, config: RCConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scores (I, N) float32 = cosine / sqrt(guidance_dim), has_text (I,) bool), or None without text scores."""
+    if config.guidance is None or inputs.text_scores is None:
+        return None
+    scores = inputs.text_scores.float() / math.sqrt(inputs.guidance_dim)  # (I, N)
+    has_text = inputs.has_text
+    if has_text is None:
+        has_text = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+    return scores, has_text.to(device=scores.device, dtype=torch.bool)
+
+
+def _recover(
+    text: tuple[torch.Tensor, torch.Tensor] | None, visual: torch.Tensor, recovered_count: torch.Tensor
+) -> torch.Tensor:
+    """(I, N) bool: the top ``recovered_count`` patches by text score outside ``visual`` (none without text)."""
+    if text is None:
+        return torch.zeros_like(visual)
+    scores, _ = text
+    return _descending_rank(scores, ~visual) < recovered_count.unsqueeze(-1)
+
+
+def _budget_counts(
+    budget_tokens: int, num_patches: int, visual: torch.Tensor, recovered: torch.Tensor, centres: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(visual, recovered, centres, extra) counts (I,) summing to ``budget_tokens``, in the proportions of the
+    adaptive counts (see the module docstring)."""
+    zeros = torch.zeros_like(visual)
+    if budget_tokens >= num_patches:
+        return torch.full_like(visual, num_patches), zeros, zeros, zeros
+    if budget_tokens == 1:
+        return torch.ones_like(visual), zeros, zeros, zeros
+    slots = budget_tokens - 1  # one slot for the extra token
+    dynamic_total = (visual + recovered + centres).clamp(min=1)  # (I,)
+    budget_centres = slots * centres // dynamic_total
+    budget_recovered = slots * recovered // dynamic_total
+    budget_visual = slots - budget_centres - budget_recovered
+    return budget_visual, budget_recovered, budget_centres, torch.ones_like(visual)
+
+
+@torch.no_grad()
+def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
+    """Plan RC's kept, centre and extra tokens for each image.
+
+    inputs.features: (I, N, C) feature-layer patch tokens (stage "vision"); cls_query (I, A); attention_keys
+    (I, 1 + N, A); text_scores (I, N) cosine in [-1, 1] or None; has_text (I,) bool or None (all True).
+    Returns a merge plan: source_index (I, K) (patch of each kept or centre token, -1 for the extra token and
+    padding), counts (I,), merge_weights (I, K, N) float32 (kept rows one-hot; a centre row 1 at the centre and
+    ``a_m`` at its absorbed patches; the extra row ``a_m`` at every non-centre remaining patch).
+    """
+    attention = cls_attention(inputs, per_head=False)  # (I, N) float32
+    num_images, num_patches = attention.shape
+    device = attention.device
+    text = _text_guidance(inputs, config)
+    attention_rank = _descending_rank(attention, torch.ones_like(attention, dtype=torch.bool))  # (I, N)
+
+    # 1-2. Visual keep count from the attention's outliers; recovery count from the text scores' outliers.
+    visual_count = lof_outlier_count(attention, None, config.lof_neighbors_visual)  # (I,)
+    visual = attention_rank < visual_count.unsqueeze(-1)  # (I, N)
+    recovered_count = torch.zeros_like(visual_count)
+    if text is not None:
+        scores, has_text = text
+        replaced = scores.where(~visual, scores.min(dim=-1, keepdim=True).values)  # (I, N)
+        text_outliers = lof_outlier_count(replaced, None, config.lof_neighbors_text)  # (I,)
+        recovered_count = ((num_patches - visual_count) * text_outliers // num_patches).where(has_text, 0)
+    recovered = _recover(text, visual, recovered_count)  # (I, N)
+
+    # 4. Cluster centres: the attention outliers among the remaining patches.
+    centre_count = lof_outlier_count(attention, ~(visual | recovered), config.lof_neighbors_merge)  # (I,)
+    extra_count = (centre_count > 0).long()  # (I,) the extra token goes with R when there is no centre
+    if config.budget is not None:
+        budget_tokens = resolve_budget(config.budget, num_patches)
+        visual_count, recovered_count, centre_count, extra_count = _budget_counts(
+            budget_tokens, num_patches, visual_count, recovered_count, centre_count
+        )
+        visual = attention_rank < visual_count.unsqueeze(-1)
+        recovered = _recover(text, visual, recovered_count)
+    kept = visual | recovered  # (I, N)
+    remaining = ~kept
+    centre_rank = _descending_rank(attention, remaining)  # (I, N)
+    centre = centre_rank < centre_count.unsqueeze(-1)  # (I, N)
+    absorbed = remaining & ~centre  # (I, N) non-centre remaining patches
+    with_extra = absorbed & (extra_count > 0).unsqueeze(-1)  # (I, N) patches summed into the extra token
+
+    # Each centre's candidates: key cosine + text_weight * text score over the non-centre remaining patches.
+    keys = torch.nn.functional.normalize(inputs.patch_keys.float(), dim=-1)  # (I, N, A)
+    candidate_scores = keys @ keys.transpose(1, 2)  # (I, N, N) centre x candidate cosine
+    if text is not None:
+        scores, has_text = text
+        text_term = config.text_weight * scores.where(has_text.unsqueeze(-1), 0.0)  # (I, N)
+        candidate_scores = candidate_scores + text_term.unsqueeze(1)
+    candidate_scores = candidate_scores.masked_fill(~absorbed.unsqueeze(1), float("-inf"))
+    num_candidates = min(config.merge_neighbors, num_patches)
+    # Stable top-k: equal scores go to the lower patch index.
+    candidates = stable_topk_indices(candidate_scores, num_candidates, largest=True)  # (I, N, M) only centre rows used
+    is_candidate = absorbed.gather(1, candidates.flatten(1)).view_as(candidates) & centre.unsqueeze(-1)  # (I, N, M)
+
+    # Output rows: kept in raster order, then centres by descending attention, then the extra token.
+    kept_count = kept.sum(dim=-1)  # (I,)
+    counts = kept_count + centre_count + extra_count  # (I,)
+    if config.budget is not None:  # every image has exactly the budget: known on the host, no sync
+        max_count = resolve_budget(config.budget, num_patches) if num_images else 0
+    else:
+        max_count = int(counts.max()) if num_images else 0  # the one host sync
+    spare_row = max_count  # rows written here are dropped
+    kept_row = kept.long().cumsum(dim=-1) - 1  # (I, N)
+    centre_row = kept_count.unsqueeze(-1) + centre_rank  # (I, N)
+    extra_row = (kept_count + centre_count).unsqueeze(-1).expand(-1, num_patches)  # (I, N)
+    row = torch.full_like(kept_row, spare_row)
+    row = torch.where(with_extra, extra_row, row)
+    row = torch.where(centre, centre_row, row)
+    row = torch.where(kept, kept_row, row)  # (I, N) output row of each patch's own weight
+    own_weight = torch.where(kept | centre, 1.0, torch.where(with_extra, attention, 0.0))  # (I, N)
+
+    merge_weights = torch.zeros(num_images, max_count + 1, num_patches, device=device)  # (I, K + 1, N)
+    merge_weights.scatter_(1, row.unsqueeze(1), own_weight.unsqueeze(1))
+    # Each absorbed patch adds a_m in its centre's row; non-centre rows and non-candidates go to the spare row.
+    candidate_row = torch.where(is_candidate, row.unsqueeze(-1), spare_row)  # (I, N, M)
+    flat_index = candidate_row * num_patches + candidates  # (I, N, M) into the (K + 1) * N flattened weights
+    candidate_weight = attention.gather(1, candidates.flatten(1)).view_as(candidates) * is_candidate  # (I, N, M)
+    merge_weights.view(num_images, -1).scatter_add_(1, flat_index.flatten(1), candidate_weight.flatten(1))
+
+    source_row = torch.where(kept | centre, row, spare_row)  # (I, N)
+    source_index = torch.full((num_images, max_count + 1), -1, dtype=torch.long, device=device)
+    patch_index = torch.arange(num_patches, device=device).expand(num_images, num_patches)  # (I, N)
+    source_index.scatter_(1, source_row, patch_index)
+    return TokenPlan(
+        source_index=source_index[:, :max_count], counts=counts, merge_weights=merge_weights[:, :max_count].contiguous()
+    )

@@ -1,0 +1,78 @@
+"""Configurations of LLaVA and LLaVA-NeXT with visual-token compression: the stock config plus ``compression``."""
+
+from transformers import LlavaConfig, LlavaNextConfig
+
+from .compression_registry import parse_compression
+
+DEFAULT_COMPRESSION = {"method": "rc"}
+
+
+def normalise_compression_fields(config) -> None:
+    """Validate and normalise the compression fields shared by both configs, in place."""
+    settings = DEFAULT_COMPRESSION if config.compression is None else config.compression
+    # Store the normalised JSON form (defaults filled in) so saved configs are explicit.
+    config.compression = parse_compression(settings).to_dict()
+    if config.guidance_text_config is not None:
+        if hasattr(config.guidance_text_config, "to_dict"):
+            config.guidance_text_config = config.guidance_text_config.to_dict()
+        if not isinstance(config.guidance_projection_dim, int) or config.guidance_projection_dim < 1:
+            raise ValueError(
+                "guidance_projection_dim must be a positive int (CLIP's projection_dim) when "
+                f"guidance_text_config is given, got {config.guidance_projection_dim!r}"
+            )
+
+
+class LlavaRCConfig(LlavaConfig):
+    r"""LLaVA configuration whose model compresses the visual tokens of every image.
+
+    compression (`dict`, *optional*):
+        Plain-JSON settings ``{"method": <name>, <method parameters>}``, validated on construction against the
+        method registry (see ``llava_rc.compression_registry.METHODS``). Defaults to Recoverable Compression
+        (``{"method": "rc"}``, adaptive count, ``"llm"`` guidance); ``{"method": "none"}`` is the identity.
+    guidance_text_config (`dict`, *optional*):
+        A `CLIPTextConfig` as a dict. When given, the model owns a CLIP text tower and the CLIP text and visual
+        projections, which ``guidance="clip"`` uses (the RC paper's text guidance).
+    guidance_projection_dim (`int`, *optional*):
+        Width of CLIP's shared image-text space; required with ``guidance_text_config``.
+    All other arguments are those of [`LlavaConfig`].
+    """
+
+    model_type = "llava_rc"
+
+    compression: dict | None = None
+    guidance_text_config: dict | None = None
+    guidance_projection_dim: int | None = None
+
+    def __post_init__(self, **kwargs):
+        normalise_compression_fields(self)
+        super().__post_init__(**kwargs)
+
+
+class LlavaNextRCConfig(LlavaNextConfig):
+    r"""LLaVA-NeXT (anyres) configuration whose model compresses the visual tokens of every image.
+
+    compression (`dict`, *optional*):
+        As for [`LlavaRCConfig`]: ``{"method": <name>, <method parameters>}``, validated on construction; default
+        ``{"method": "rc"}``. On anyres images a budget counts each image's visual tokens *without* newline tokens
+        (base view N + unpadded high-resolution grid rows x cols = M, different per image): an int B keeps
+        ``min(B, M)``, a ratio r keeps ``floor(r * M)`` (at least one), one selection per image over both views;
+        ``"gprune"`` instead applies a ratio to each of its two graphs (base view, grid) and splits an int by view
+        size. The ``rows`` newline tokens are always kept on top and the output is in reading order (newlines at
+        the row ends). [CLS] attention is each crop's own, normalised per crop; RC's LOF statistics run once over
+        the whole image. Details: ``llava_rc.modeling_llava_rc`` and the README.
+    guidance_text_config (`dict`, *optional*), guidance_projection_dim (`int`, *optional*):
+        CLIP text tower for ``guidance="clip"``, as for [`LlavaRCConfig`].
+    All other arguments are those of [`LlavaNextConfig`] (``image_grid_pinpoints``, ...). Build one from a stock
+    config with ``LlavaNextRCConfig(**{k: v for k, v in next_config.to_dict().items() if k != "model_type"},
+    compression={...})``.
+    """
+
+    model_type = "llava_next_rc"
+
+    compression: dict | None = None
+    guidance_text_config: dict | None = None
+    guidance_projection_dim: int | None = None
+
+    def __post_init__(self, **kwargs):
+        normalise_compression_fields(self)
+        super().__post_init__(**kwargs)

@@ -1,0 +1,183 @@
+"""The easy-VQA data, the training script's packing, and the shipped tiny LLaVA-RC loaded the way users load it."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+import llava_rc
+from llava_rc import easyvqa
+from llava_rc.hub_upload import run_without_llava_rc
+from llava_rc.train_easyvqa import packed_batch
+
+PACKAGE = Path(llava_rc.__file__).parent
+CHECKPOINT = PACKAGE / "checkpoints" / "llava-rc-easyvqa"
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_pixel_labels_agree_with_every_easy_vqa_answer(split):
+    scenes = easyvqa.single_scenes(split)
+    assert len(scenes) == {"train": 4000, "test": 1000}[split]
+    checked = 0
+    for scene in scenes:
+        color, shape = scene.cells[0]
+        for example in scene.examples:
+            if example.kind == "color":
+                assert example.answer == color, (scene.key, example)
+                checked += 1
+            elif example.kind == "shape":
+                assert example.answer == shape, (scene.key, example)
+                checked += 1
+    assert checked > 2000
+
+
+def test_mosaics_are_deterministic_test_only_and_unambiguous():
+    first, again = easyvqa.mosaic_scenes("test", 60, 3), easyvqa.mosaic_scenes.__wrapped__("test", 60, 3)
+    assert [scene.sources for scene in first] == [scene.sources for scene in again]
+    assert easyvqa.mosaic_scenes("test", 60, 4)[0].sources != first[0].sources
+    test_ids = {scene.sources[0] for scene in easyvqa.single_scenes("test")}
+    kinds = set()
+    for scene in first:
+        assert scene.split == "test" and set(scene.sources) <= test_ids and len(scene.sources) == 4
+        shapes = [shape for _, shape in scene.cells]
+        colors = [color for color, _ in scene.cells]
+        training = easyvqa.training_questions(scene)
+        assert {(e.question, e.answer) for e in scene.examples} <= {(e.question, e.answer) for e in training}
+        for example in training:
+            kinds.add(example.kind)
+            words = example.question.rstrip("?").split()
+            if example.kind == "color_of_unique_shape":
+                assert shapes.count(words[-1]) == 1 and colors[shapes.index(words[-1])] == example.answer
+            elif example.kind == "shape_of_unique_color":
+                assert colors.count(words[-1]) == 1 and shapes[colors.index(words[-1])] == example.answer
+            else:
+                position = easyvqa.POSITIONS.index(" ".join(words[-2:]))
+                expected = shapes if example.kind == "shape_at_position" else colors
+                assert expected[position] == example.answer
+    assert kinds == set(easyvqa.MOSAIC_QUESTION_TYPES)
+    image = first[0].image()
+    assert image.size == (2 * easyvqa.CELL_SIZE, 2 * easyvqa.CELL_SIZE)
+
+
+def test_packed_training_rows_see_only_the_image_and_their_own_block():
+    prefix, image_id, pad_id = [1, 5], 2, 0
+    blocks = [([7, 8, 9, 3], 2), ([10, 11, 3], 1)]  # (ids, where the answer starts)
+    input_ids, mask, positions, labels = packed_batch(prefix, [3, 1], [blocks, blocks[:1]], pad_id, image_id)
+    assert input_ids[0].tolist() == [1, 5, 2, 2, 2, 7, 8, 9, 3, 10, 11, 3]
+    # Both blocks restart their positions after the image, as a single-question prompt would.
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7]
+    second_block = 9
+    visible = mask[0, 0, second_block].nonzero().flatten().tolist()
+    assert visible == [0, 1, 2, 3, 4, 9]  # prefix + image + itself, never the first block
+    assert not mask[0, 0, 4, 5]  # causal
+    # labels[t] is the next token where it is a target: the last prompt token -> answer, answer -> "</s>".
+    assert labels[0].tolist() == [-100] * 6 + [9, 3, -100, 11, 3, -100]
+    assert input_ids[1, -1] == pad_id and labels[1, -1] == -100
+
+
+# ---- the shipped model -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped():
+    model = AutoModelForImageTextToText.from_pretrained(CHECKPOINT, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(CHECKPOINT, trust_remote_code=True)
+    return model, processor
+
+
+def test_shipped_checkpoint_carries_the_package_code_and_attribution():
+    code_files = sorted(path.name for path in CHECKPOINT.glob("*.py"))
+    assert "modeling_llava_rc.py" in code_files
+    for name in code_files:
+        assert (CHECKPOINT / name).read_text() == (PACKAGE / name).read_text(), f"{name} is stale: python -m llava_rc.train_easyvqa --refresh-code --output-dir {CHECKPOINT}"
+    config = json.loads((CHECKPOINT / "config.json").read_text())
+    assert config["model_type"] == "llava_rc" and "AutoModelForImageTextToText" in config["auto_map"]
+    assert (CHECKPOINT / "model.safetensors").stat().st_size <= 20 * 2**20
+    licence = (CHECKPOINT / "LICENSE-easy-vqa").read_text()
+    assert "MIT License" in licence and "Victor Zhou" in licence
+
+
+# A fresh interpreter where llava_rc cannot be imported: only the checkpoint's own code files can serve it.
+FRESH_LOADER = textwrap.dedent(
+    """
+    import json, sys
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    checkpoint, image, question = sys.argv[1:4]
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    inputs = processor(images=Image.open(image), text=f"USER: <image>\\n{question} ASSISTANT:", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    new = processor.tokenizer.convert_ids_to_tokens(out.sequences[0, inputs["input_ids"].shape[1]:].tolist())
+    print(json.dumps({"module": type(model).__module__, "answer": new[0], "kept": out.compression.kept_counts.tolist()}))
+    """
+)
+
+
+def test_shipped_model_runs_from_its_own_code_in_a_fresh_process(tmp_path):
+    scene = easyvqa.single_scenes("test")[1]
+    example = next(e for e in scene.examples if e.kind == "color")
+    scene.image().save(tmp_path / "scene.png")
+    result = run_without_llava_rc(
+        FRESH_LOADER, [str(CHECKPOINT), str(tmp_path / "scene.png"), example.question], tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["module"].startswith("transformers_modules")
+    assert report["answer"] == example.answer
+    assert 0 < report["kept"][0] < 144
+
+
+def test_shipped_model_config_and_processor(shipped):
+    model, processor = shipped
+    assert model.config.compression["method"] == "rc" and model.config.compression["guidance"] == "clip"
+    assert model.guidance_text_model is not None
+    assert type(processor).__name__ == "LlavaRCProcessor"
+    assert model.config.image_seq_length == (model.config.vision_config.image_size // 14) ** 2 >= 144
+
+
+def evaluate(shipped, questions, mosaics, compression):
+    model, processor = shipped
+    (singles, single_examples), (scenes, mosaic_examples) = easyvqa.evaluation_sets(questions, mosaics, seed=7)
+    return (
+        easyvqa.evaluate(model, processor, easyvqa.prepare_batches(processor, singles, single_examples), compression),
+        easyvqa.evaluate(model, processor, easyvqa.prepare_batches(processor, scenes, mosaic_examples), compression),
+    )
+
+
+# Thresholds sit a few points under what the shipped model measures on these seeded samples (README: accuracy
+# table): far above chance (about 0.43 on easy-VQA's mix, 0.2 on mosaics), so a broken load, prompt or compression
+# fails them.
+def test_shipped_model_answers_with_all_tokens(shipped):
+    single, mosaic = evaluate(shipped, 160, 40, {"method": "none"})
+    assert single["accuracy"] >= 0.78 and single["per_kind"]["color"] >= 0.95, single
+    assert mosaic["accuracy"] >= 0.38, mosaic
+
+
+def test_rc_keeps_few_tokens_and_still_answers(shipped):
+    model, _ = shipped
+    single, mosaic = evaluate(shipped, 160, 40, None)  # the config's default: RC with CLIP guidance
+    num_patches = model.config.image_seq_length
+    assert single["kept_mean"] <= 0.35 * num_patches and single["kept_max"] < num_patches, single
+    assert single["accuracy"] >= 0.78, single
+    # Content-blind selection at the same mean count is worse on mosaics (the question decides what matters).
+    budget = max(1, round(mosaic["kept_mean"]))
+    _, random_mosaic = evaluate(shipped, 1, 40, {"method": "random", "budget": budget})
+    assert mosaic["accuracy"] > random_mosaic["accuracy"], (mosaic, random_mosaic)
+
+
+def test_generate_and_pipeline_give_the_evaluated_answer(shipped):
+    model, processor = shipped
+    scene = easyvqa.single_scenes("test")[0]
+    example = next(e for e in scene.examples if e.kind == "color")
+    inputs = processor(images=scene.image(), text=easyvqa.PROMPT.format(question=example.question), return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    new_tokens = processor.tokenizer.convert_ids_to_tokens(out.sequences[0, inputs["input_ids"].shape[1] :].tolist())
+    assert new_tokens[:2] == [example.answer, processor.tokenizer.eos_token]
+    assert int(out.compression.kept_counts[0]) < model.config.image_seq_length
+    generator = pipeline("image-text-to-text", model=str(CHECKPOINT), trust_remote_code=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": scene.image()}, {"type": "text", "text": example.question}]}]
+    reply = generator(text=messages, max_new_tokens=3, return_full_text=False)
+    assert reply[0]["generated_text"].split()[0] == example.answer
