@@ -8,7 +8,7 @@ import torch
 from llava_rc import LlavaRCForConditionalGeneration
 from llava_rc.compression_common import CompressionInputs, MethodConfig, TokenPlan, cls_attention, plan_from_mask
 from llava_rc.compression_registry import METHODS
-from tiny import NUM_PATCHES, make_batch, stock_twin, tiny_rc_model, unpad_row
+from tiny import NUM_PATCHES, greedy_loop_without_cache, make_batch, stock_twin, tiny_rc_model, unpad_row
 
 GREEDY = dict(max_new_tokens=6, do_sample=False)
 
@@ -106,25 +106,6 @@ def test_dynamic_counts_differ_per_image(above_mean_method):
         assert covered.all()
         assert (report.source_index[image, : count - 1] >= 0).all()
         assert report.source_index[image, count - 1] == -1
-
-
-def greedy_loop_without_cache(model: LlavaRCForConditionalGeneration, batch: dict, steps: int) -> torch.Tensor:
-    """Reference decoder: the compressed prompt embeddings, then one full forward per new token, no KV cache."""
-    compressed = model.compress_inputs(
-        batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"], pad_left=True
-    )
-    embeds = compressed.inputs_embeds
-    mask = compressed.packed.attention_mask
-    new_tokens = []
-    with torch.no_grad():
-        for _ in range(steps):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
-            token = logits[:, -1].argmax(-1)  # (B,)
-            new_tokens.append(token)
-            embeds = torch.cat([embeds, model.get_input_embeddings()(token).unsqueeze(1)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return torch.stack(new_tokens, dim=1)
 
 
 def test_generate_equals_no_cache_greedy_loop(above_mean_method):

@@ -8,7 +8,7 @@ from transformers import LlavaNextConfig
 from llava_rc import LlavaNextRCForConditionalGeneration, anyres_token_counts
 from llava_rc.compression_common import CompressionInputs, resolve_budget
 from llava_rc.compression_gprune import GPruneConfig, compress_gprune, graph_scores
-from tiny import IMAGE_TOKEN_ID
+from tiny import IMAGE_TOKEN_ID, greedy_loop_without_cache
 from tiny_next import IMAGE_SIZES, make_next_batch, next_stock_twin, random_next_image, tiny_next_config_dict
 from tiny_next import tiny_next_model, tiny_next_processor, unpad_next_row
 
@@ -153,23 +153,6 @@ def test_batch_equals_each_sample_alone(compression):
         first += len(sizes)
 
 
-def greedy_loop_without_cache(model: LlavaNextRCForConditionalGeneration, batch: dict, steps: int) -> torch.Tensor:
-    """Reference decoder: the compressed prompt embeddings, then one full forward per new token, no KV cache."""
-    compressed = model.compress_inputs(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-                                       pad_left=True, image_sizes=batch["image_sizes"])
-    embeds, mask = compressed.inputs_embeds, compressed.packed.attention_mask
-    new_tokens = []
-    with torch.no_grad():
-        for _ in range(steps):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
-            token = logits[:, -1].argmax(-1)  # (B,)
-            new_tokens.append(token)
-            embeds = torch.cat([embeds, model.get_input_embeddings()(token).unsqueeze(1)], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return torch.stack(new_tokens, dim=1)
-
-
 @pytest.mark.parametrize(
     "compression",
     [{"method": "cls_attention", "budget": 9}, {"method": "gprune"}, {"method": "prumerge"},
@@ -180,7 +163,7 @@ def test_generate_equals_no_cache_greedy_loop(compression):
     model = tiny_next_model(compression)
     batch = make_next_batch([3, 10, 6], [[(56, 56)], [(20, 56)], [(60, 30), (28, 28)]], seed=7)
     out = model.generate(**batch, **GREEDY)
-    expected = greedy_loop_without_cache(model, batch, GREEDY["max_new_tokens"])
+    expected = greedy_loop_without_cache(model, batch, GREEDY["max_new_tokens"], image_sizes=batch["image_sizes"])
     assert torch.equal(out[:, batch["input_ids"].shape[1] :], expected)
 
 

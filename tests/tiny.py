@@ -165,3 +165,26 @@ def unpad_row(batch: dict, row: int, first_image: int, num_images: int) -> dict:
     }
 
 
+
+
+def greedy_loop_without_cache(model, batch: dict, steps: int, **compress_kwargs) -> torch.Tensor:
+    """Reference decoder: the compressed prompt embeddings, then one full forward per new token, no KV cache.
+
+    compress_kwargs: extra inputs of ``compress_inputs`` (LLaVA-NeXT's ``image_sizes``).
+    """
+    compressed = model.compress_inputs(
+        batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"], pad_left=True,
+        **compress_kwargs,
+    )
+    embeds = compressed.inputs_embeds
+    mask = compressed.packed.attention_mask
+    new_tokens = []
+    with torch.no_grad():
+        for _ in range(steps):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            token = logits[:, -1].argmax(-1)  # (B,)
+            new_tokens.append(token)
+            embeds = torch.cat([embeds, model.get_input_embeddings()(token).unsqueeze(1)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return torch.stack(new_tokens, dim=1)
