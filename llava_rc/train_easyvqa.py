@@ -401,15 +401,15 @@ def train_language_model(
 
 
 # ---- the whole recipe --------------------------------------------------------------------------------------
-def model_config(words: list[str], clip_config: CLIPConfig, tokenizer) -> LlavaRCConfig:
+def model_config(words: list[str], clip_config: CLIPConfig, tokenizer, hidden_size: int = 128) -> LlavaRCConfig:
     text_config = clip_config.text_config.to_dict()
     vision_config = clip_config.vision_config.to_dict()
     return LlavaRCConfig(
         vision_config=vision_config,
         text_config=dict(
             model_type="llama",
-            hidden_size=128,
-            intermediate_size=512,
+            hidden_size=hidden_size,
+            intermediate_size=4 * hidden_size,
             num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=4,
@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip-single-share", type=float, default=0.5, help="share of single images in a CLIP batch")
     parser.add_argument("--lm-steps", type=int, default=1600)
     parser.add_argument("--lm-batch-size", type=int, default=32)
+    parser.add_argument("--lm-hidden-size", type=int, default=128, help="width of the 3-layer Llama")
     parser.add_argument("--eval-questions", type=int, default=2000, help="questions per test set in the final report")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     zero_shot = clip_zero_shot(clip, processor.guidance_tokenizer, test_pixels, test_singles)
     logger.warning(f"clip zero-shot single-image accuracy on easy-VQA test: {zero_shot}")
 
-    config = model_config(words, clip_config, processor.tokenizer)
+    config = model_config(words, clip_config, processor.tokenizer, args.lm_hidden_size)
     model = LlavaRCForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     model.guidance_text_model.load_state_dict(clip.text_model.state_dict())
