@@ -14,7 +14,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -43,20 +42,19 @@ def answer_text(processor, output, prompt_length: int) -> str:
     return processor.tokenizer.decode(output.sequences[0, prompt_length:], skip_special_tokens=True).strip()
 
 
-def patch_roles(report, vision_only_report, num_patches: int) -> dict[str, set[int]]:
+def kept_as_themselves(report) -> set[int]:
+    """The patches the language model reads unmerged: output tokens that absorbed exactly one patch."""
+    sizes = report.absorbed[0].sum(dim=-1)  # (K,)
+    return {index for index, size in zip(report.source_index[0].tolist(), sizes.tolist()) if size == 1 and index >= 0}
+
+
+def patch_roles(report, vision_only_report) -> dict[str, set[int]]:
     """Which patches the language model reads as themselves ("kept"), which of those only the question brought back
     ("recovered": kept with the question, not in the same method's vision-only run) and which were folded into
     another token ("merged")."""
     absorbed = report.absorbed[0]  # (K, N) bool
-    sizes = absorbed.sum(dim=-1)  # (K,)
-    kept = {int(index) for index, size in zip(report.source_index[0].tolist(), sizes.tolist()) if size == 1 and index >= 0}
-    merged = set(absorbed[sizes > 1].any(dim=0).nonzero().flatten().tolist()) - kept
-    vision_sizes = vision_only_report.absorbed[0].sum(dim=-1)
-    vision_kept = {
-        int(index)
-        for index, size in zip(vision_only_report.source_index[0].tolist(), vision_sizes.tolist())
-        if size == 1 and index >= 0
-    }
+    kept, vision_kept = kept_as_themselves(report), kept_as_themselves(vision_only_report)
+    merged = set(absorbed[absorbed.sum(dim=-1) > 1].any(dim=0).nonzero().flatten().tolist()) - kept
     return {"kept": kept & vision_kept, "recovered": kept - vision_kept, "merged": merged}
 
 
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             totals["right_on"] += answer_on == entry["answer"]
             totals["questions"] += 1
             totals["kept"].append(kept)
-            roles = patch_roles(on.compression, vision.compression, num_patches)
+            roles = patch_roles(on.compression, vision.compression)
             caption = f"{entry['question']}\n-> {answer_on} ({kept} of {num_patches} tokens)"
             panels.append(overlay(image, roles, grid, caption))
         sheet = Image.new("RGB", (PANEL * len(panels), panels[0].height), "white")

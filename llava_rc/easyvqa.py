@@ -16,6 +16,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,9 +74,7 @@ class Scene:
 @cache
 def shape_mask(path: str) -> np.ndarray:
     """(64, 64) bool: the pixels of the image's shape (its palette colour)."""
-    pixels = np.asarray(Image.open(path).convert("RGB"))  # (64, 64, 3)
-    color, _ = cell_labels(path)
-    return (pixels == PALETTE[color]).all(axis=-1)
+    return _shape_pixels(path)[1]
 
 
 def _easy_vqa():
@@ -92,7 +91,7 @@ def image_paths(split: str) -> dict[int, str]:
     return easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
 
 
-def question_kind(question: str, answer: str) -> str:
+def question_kind(answer: str) -> str:
     """easy-VQA's three question families: "color", "shape" and "yes/no"."""
     if answer in ("yes", "no"):
         return "yes/no"
@@ -112,6 +111,14 @@ PALETTE = {
 }
 
 
+def _shape_pixels(path: str) -> tuple[str, np.ndarray]:
+    """The shape's colour (the palette colour covering the most pixels) and its (64, 64) bool pixel mask."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))  # (64, 64, 3)
+    masks = {name: (pixels == value).all(axis=-1) for name, value in PALETTE.items()}
+    color = max(masks, key=lambda name: masks[name].sum())
+    return color, masks[color]
+
+
 def cell_labels(path: str) -> tuple[str, str]:
     """The (color, shape) of an easy-VQA image, read off its pixels.
 
@@ -120,11 +127,9 @@ def cell_labels(path: str) -> tuple[str, str]:
     everything, a triangle puts much more of its area in one half (top vs bottom) than a circle does. On both splits
     these agree with every colour and shape answer easy-VQA gives (checked by the tests).
     """
-    pixels = np.asarray(Image.open(path).convert("RGB"))  # (64, 64, 3)
-    masks = {name: (pixels == value).all(axis=-1) for name, value in PALETTE.items()}
-    color = max(masks, key=lambda name: masks[name].sum())
-    rows, columns = np.nonzero(masks[color])
-    box = masks[color][rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+    color, mask = _shape_pixels(path)
+    rows, columns = np.nonzero(mask)
+    box = mask[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
     half = box.shape[0] // 2
     imbalance = abs(int(box[:half].sum()) - int(box[box.shape[0] - half :].sum())) / box.sum()
     if box.mean() >= 0.95:
@@ -147,7 +152,7 @@ def single_scenes(split: str) -> tuple[Scene, ...]:
     for image_id in sorted(by_image):
         scene = Scene(f"{split}/{image_id}", (cell_labels(paths[image_id]),), (image_id,), split)
         scene.examples = [
-            Example(scene.key, text, answer, question_kind(text, answer)) for text, answer in by_image[image_id]
+            Example(scene.key, text, answer, question_kind(answer)) for text, answer in by_image[image_id]
         ]
         scenes.append(scene)
     return tuple(scenes)
@@ -325,8 +330,6 @@ def write_samples(directory, seed: int = 0) -> None:
 
     Writes ``<key>.png`` files and ``samples.json`` (scene file, cells, questions with answers and kinds).
     """
-    from pathlib import Path
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"samples-{seed}")

@@ -401,7 +401,7 @@ def train_language_model(
 
 
 # ---- the whole recipe --------------------------------------------------------------------------------------
-def model_config(words: list[str], clip_config: CLIPConfig, tokenizer, hidden_size: int = 128) -> LlavaRCConfig:
+def model_config(clip_config: CLIPConfig, tokenizer, hidden_size: int = 128) -> LlavaRCConfig:
     text_config = clip_config.text_config.to_dict()
     vision_config = clip_config.vision_config.to_dict()
     return LlavaRCConfig(
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     zero_shot = clip_zero_shot(clip, processor.guidance_tokenizer, test_pixels, test_singles)
     logger.warning(f"clip zero-shot single-image accuracy on easy-VQA test: {zero_shot}")
 
-    config = model_config(words, clip_config, processor.tokenizer, args.lm_hidden_size)
+    config = model_config(clip_config, processor.tokenizer, args.lm_hidden_size)
     model = LlavaRCForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     model.guidance_text_model.load_state_dict(clip.text_model.state_dict())

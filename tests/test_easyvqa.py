@@ -5,7 +5,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 import llava_rc
