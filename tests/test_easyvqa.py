@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 import llava_rc
 from llava_rc import easyvqa
 from llava_rc.hub_upload import run_without_llava_rc
-from llava_rc.train_easyvqa import packed_batch
+from llava_rc.train_easyvqa import answer_weights, packed_batch
 
 PACKAGE = Path(llava_rc.__file__).parent
 CHECKPOINT = PACKAGE / "checkpoints" / "llava-rc-easyvqa"
@@ -62,10 +62,30 @@ def test_mosaics_are_deterministic_test_only_and_unambiguous():
     assert image.size == (2 * easyvqa.CELL_SIZE, 2 * easyvqa.CELL_SIZE)
 
 
+def test_yes_no_answers_are_balanced_within_each_question_family():
+    examples = [example for scene in easyvqa.single_scenes("train") for example in easyvqa.training_questions(scene)]
+    weights = answer_weights(examples)
+    totals = {}
+    for example, weight in zip(examples, weights):
+        if example.kind != "yes/no":
+            assert weight == 1.0
+            continue
+        words = example.question.rstrip("?").split()
+        family = (any(word in easyvqa.COLORS for word in words), "not" in words or "no" in words)
+        totals.setdefault(family, {}).setdefault(example.answer, 0.0)
+        totals[family][example.answer] += weight
+    assert len(totals) == 4  # colour or shape, plain or negated
+    for answers in totals.values():
+        assert answers["yes"] == pytest.approx(answers["no"])
+    # the rare answer of a colour question ("yes, there is a red shape") weighs most
+    rare = next(w for e, w in zip(examples, weights) if e.question == "is there a red shape?" and e.answer == "yes")
+    assert rare > 3
+
+
 def test_packed_training_rows_see_only_the_image_and_their_own_block():
     prefix, image_id, pad_id = [1, 5], 2, 0
-    blocks = [([7, 8, 9, 3], 2), ([10, 11, 3], 1)]  # (ids, where the answer starts)
-    input_ids, mask, positions, labels = packed_batch(prefix, [3, 1], [blocks, blocks[:1]], pad_id, image_id)
+    blocks = [([7, 8, 9, 3], 2, 0.5), ([10, 11, 3], 1, 2.0)]  # (ids, where the answer starts, loss weight)
+    input_ids, mask, positions, labels, weights = packed_batch(prefix, [3, 1], [blocks, blocks[:1]], pad_id, image_id)
     assert input_ids[0].tolist() == [1, 5, 2, 2, 2, 7, 8, 9, 3, 10, 11, 3]
     # Both blocks restart their positions after the image, as a single-question prompt would.
     assert positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 5, 6, 7]
@@ -75,6 +95,7 @@ def test_packed_training_rows_see_only_the_image_and_their_own_block():
     assert not mask[0, 0, 4, 5]  # causal
     # labels[t] is the next token where it is a target: the last prompt token -> answer, answer -> "</s>".
     assert labels[0].tolist() == [-100] * 6 + [9, 3, -100, 11, 3, -100]
+    assert weights[0].tolist() == [0.0] * 6 + [0.5, 0.5, 0.0, 2.0, 2.0, 0.0]  # each target weighs its block's weight
     assert input_ids[1, -1] == pad_id and labels[1, -1] == -100
 
 
@@ -151,8 +172,8 @@ def evaluate(shipped, questions, mosaics, compression):
 # fails them.
 def test_shipped_model_answers_with_all_tokens(shipped):
     single, mosaic = evaluate(shipped, 160, 40, {"method": "none"})
-    assert single["accuracy"] >= 0.78 and single["per_kind"]["color"] >= 0.95, single
-    assert mosaic["accuracy"] >= 0.38, mosaic
+    assert single["accuracy"] >= 0.83 and single["per_kind"]["color"] >= 0.95, single  # measured 0.88
+    assert mosaic["accuracy"] >= 0.70, mosaic  # measured 0.77
 
 
 def test_rc_keeps_few_tokens_and_still_answers(shipped):
@@ -160,7 +181,7 @@ def test_rc_keeps_few_tokens_and_still_answers(shipped):
     single, mosaic = evaluate(shipped, 160, 40, None)  # the config's default: RC with CLIP guidance
     num_patches = model.config.image_seq_length
     assert single["kept_mean"] <= 0.35 * num_patches and single["kept_max"] < num_patches, single
-    assert single["accuracy"] >= 0.78, single
+    assert single["accuracy"] >= 0.83, single  # measured 0.88 with 39 tokens of 144
     # Content-blind selection at the same mean count is worse on mosaics (the question decides what matters).
     budget = max(1, round(mosaic["kept_mean"]))
     _, random_mosaic = evaluate(shipped, 1, 40, {"method": "random", "budget": budget})
