@@ -43,6 +43,7 @@ import math
 import random
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -134,6 +135,8 @@ CAPTIONS_BOTH = ("{color} {shape}", "the {color} {shape}", "is there a {color} {
 CAPTIONS_SHAPE = ("what color is the {shape}?", "the {shape}", "is there a {shape}?")
 CAPTIONS_COLOR = ("what shape is {color}?", "what is the {color} shape?", "{color} shape")
 CAPTIONS_POSITION = ("what shape is in the {position}?", "what color is the shape in the {position}?")
+OBJECT_LABELS = [(color, shape) for color in easyvqa.COLORS for shape in easyvqa.SHAPES]  # the 24 possible objects
+OBJECT_CAPTIONS = [f"{color} {shape}" for color, shape in OBJECT_LABELS]
 
 
 def sample_caption(cells, rng: random.Random):
@@ -199,10 +202,9 @@ def train_clip(
     optimizer = torch.optim.AdamW(clip.parameters(), lr=2e-3, weight_decay=0.05)
     schedule = warmup_cosine(optimizer, steps)
     objects = object_patches(scenes)  # (S, N)
-    labels = [(color, shape) for color in easyvqa.COLORS for shape in easyvqa.SHAPES]
-    label_tokens = tokenizer([f"{color} {shape}" for color, shape in labels], padding=True, return_tensors="pt")
+    label_tokens = tokenizer(OBJECT_CAPTIONS, padding=True, return_tensors="pt")
     # (S, N) the label ("{color} {shape}" caption index) of the object covering each patch, -100 for background
-    cell_labels = [[labels.index(cell) for cell in scene.cells] + [-100] for scene in scenes]
+    cell_labels = [[OBJECT_LABELS.index(cell) for cell in scene.cells] + [-100] for scene in scenes]
     patch_labels = torch.stack([torch.tensor(row)[patches] for row, patches in zip(cell_labels, objects)])
     is_single = torch.tensor([len(scene.cells) == 1 for scene in scenes])
     single_indices, mosaic_indices = is_single.nonzero().flatten(), (~is_single).nonzero().flatten()
@@ -277,14 +279,13 @@ def normalized_features(output) -> torch.Tensor:
 @torch.no_grad()
 def clip_zero_shot(clip: CLIPModel, tokenizer, pixels, scenes) -> dict:
     """Single-image accuracy of picking the right "{color} {shape}" caption among all 24 (and each attribute)."""
-    labels = [(color, shape) for color in easyvqa.COLORS for shape in easyvqa.SHAPES]
-    tokens = tokenizer([f"{color} {shape}" for color, shape in labels], padding=True, return_tensors="pt")
+    tokens = tokenizer(OBJECT_CAPTIONS, padding=True, return_tensors="pt")
     text = normalized_features(clip.get_text_features(**tokens))  # (24, P)
     hits = {"both": 0, "color": 0, "shape": 0}
     for start in range(0, len(scenes), 256):
         image = normalized_features(clip.get_image_features(pixel_values=pixels[start : start + 256].float()))
         for guess, scene in zip((image @ text.T).argmax(dim=-1).tolist(), scenes[start : start + 256]):
-            color, shape = labels[guess]
+            color, shape = OBJECT_LABELS[guess]
             hits["both"] += (color, shape) == scene.cells[0]
             hits["color"] += color == scene.cells[0][0]
             hits["shape"] += shape == scene.cells[0][1]
@@ -328,18 +329,12 @@ def answer_weights(examples) -> list[float]:
         words = example.question.rstrip("?").split()
         return any(word in easyvqa.COLORS for word in words), "not" in words or "no" in words, example.answer
 
-    counts: dict = {}
-    for example in examples:
-        counts[family(example)] = counts.get(family(example), 0) + 1
-    weights = []
-    for example in examples:
-        key = family(example)
-        if key is None:
-            weights.append(1.0)
-            continue
-        total = counts.get((*key[:2], "yes"), 0) + counts.get((*key[:2], "no"), 0)
-        weights.append(total / (2 * counts[key]))
-    return weights
+    families = [family(example) for example in examples]
+    counts = Counter(families)
+    return [
+        1.0 if key is None else (counts[(*key[:2], "yes")] + counts[(*key[:2], "no")]) / (2 * counts[key])
+        for key in families
+    ]
 
 
 def qa_blocks(tokenizer, examples, weights) -> list[tuple[list[int], int, float]]:
