@@ -182,17 +182,46 @@ def _mosaic_examples(key: str, cells: tuple[tuple[str, str], ...]) -> list[Examp
     return examples
 
 
+# easy-VQA's yes/no question forms, plain and negated; "{}" is "<color> shape" or "<shape>".
+YES_NO_FORMS = (
+    ("is there a {}?", "is there a {} in the image?", "does the image contain a {}?", "is a {} present?"),
+    ("is there not a {}?", "is there not a {} in the image?", "does the image not contain a {}?", "is no {} present?"),
+)
+
+
+def mosaic_yes_no(scene: Scene) -> list[Example]:
+    """Four yes/no questions in easy-VQA's forms about a mosaic: a colour and a shape that are present, and a colour
+    and a shape that are not (when one is missing), each asked plainly or negated at random (seeded by the key).
+    """
+    chooser = random.Random(f"yes/no-{scene.key}")
+    colors = {color for color, _ in scene.cells}
+    shapes = {shape for _, shape in scene.cells}
+    candidates = []
+    for vocabulary, present, name in ((COLORS, colors, "{} shape"), (SHAPES, shapes, "{}")):
+        absent = [value for value in vocabulary if value not in present]
+        candidates.append((name.format(chooser.choice(sorted(present))), True))
+        if absent:
+            candidates.append((name.format(chooser.choice(absent)), False))
+    examples = []
+    for thing, is_present in candidates:
+        negated = chooser.random() < 0.5
+        question = chooser.choice(YES_NO_FORMS[negated]).format(thing)
+        examples.append(Example(scene.key, question, "yes" if is_present != negated else "no", "yes/no"))
+    return examples
+
+
 def training_questions(scene: Scene) -> list[Example]:
     """Every question a scene can answer without ambiguity (used for training; evaluation asks one per type).
 
     Single images: easy-VQA's own questions. Mosaics: shape and colour at each of the four positions, the colour of
-    every shape that occurs once and the shape of every colour that occurs once.
+    every shape that occurs once, the shape of every colour that occurs once, and yes/no questions in easy-VQA's
+    forms (``mosaic_yes_no``).
     """
     if len(scene.cells) == 1:
         return scene.examples
     colors = [color for color, _ in scene.cells]
     shapes = [shape for _, shape in scene.cells]
-    examples = []
+    examples = mosaic_yes_no(scene)
     for index, (color, shape) in enumerate(scene.cells):
         position = POSITIONS[index]
         examples.append(Example(scene.key, f"what shape is in the {position}?", shape, "shape_at_position"))
