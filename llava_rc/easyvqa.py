@@ -190,8 +190,8 @@ YES_NO_FORMS = (
 
 
 def mosaic_yes_no(scene: Scene) -> list[Example]:
-    """Four yes/no questions in easy-VQA's forms about a mosaic: a colour and a shape that are present, and a colour
-    and a shape that are not (when one is missing), each asked plainly or negated at random (seeded by the key).
+    """Up to four yes/no questions in easy-VQA's forms about a mosaic: a colour and a shape that are present, and a
+    colour and a shape that are not (when one is missing), each asked plainly or negated at random (seeded by the key).
     """
     chooser = random.Random(f"yes/no-{scene.key}")
     colors = {color for color, _ in scene.cells}

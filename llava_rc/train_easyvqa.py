@@ -14,24 +14,24 @@ act on the final patch embeddings (shape pixels read from the drawing say which 
   belongs to an object but hardly which shape: the first shipped model (caption term only, LLaVA's penultimate
   layer) answered easy-VQA shape questions 79% right although its [CLS] embedding was 99% right.
 An auxiliary term has every patch's last-layer state give its row and column (a linear head, dropped after
-training). Nothing else asks the tower where a patch is, and without it the position embeddings were gone by the
-last layer: a linear probe found a mosaic patch's quadrant 26% of the time (chance 25%), so the language model had
-to infer positions from token order, and lost most of that as it learned yes/no (colour at a position 72-75% after
-500-1000 steps, 57% after 4000).
+training). The position captions of the caption term were not enough to keep the position embeddings alive to the
+last layer: without it a linear probe found a mosaic patch's quadrant 26% of the time (chance 25%), so the language
+model had to infer positions from token order, and lost most of that as it learned yes/no (colour at a position
+72-75% after 500-1000 steps, 57% after 4000).
 
 Stage 2, the LLaVA recipe: vision tower frozen (its features are computed once), a two-layer GELU projector and a
-small Llama language model from scratch, trained on the questions and answers of single images and mosaics with
-the LLaVA-1.5 prompt. All questions of one image share one sequence (the image once, then every question-answer
-block, each block masked to see only the prompt, the image and itself), which is what makes this fit in minutes.
-Mosaics are trained on every question they can answer (shape and colour at each position, every unique shape's
-colour and unique colour's shape, and four yes/no questions in easy-VQA's forms); evaluation asks one question per
-type. Visual-token dropout, the same for every method: a quarter of the images keep a random 10-60% of their visual
-tokens (in order), so the language model has seen missing tokens as large models trained on varied images have.
-easy-VQA's yes/no answers are balanced within each family (colour or shape, plain or negated; see
-``answer_weights``): "is there a red shape?" is "no" nine times in ten, and unweighted the language model learned
-to answer it from the question alone. Balanced, it still learned yes/no late (after 1000 of 4000 steps it was at
-chance); the mosaics' yes/no questions, balanced by construction, give it more and more varied examples of the same
-comparison (85% on easy-VQA's yes/no after 1500 of 3000 steps).
+small Llama language model from scratch, trained on the questions and answers of single images and mosaics with the
+LLaVA-1.5 prompt. All questions of one image share one sequence (the image once, then every question-answer block,
+each block masked to see only the prompt, the image and itself), which is what makes this fit in minutes. Mosaics
+are trained on every question they can answer (shape and colour at each position, every unique shape's colour and
+unique colour's shape, and up to four yes/no questions in easy-VQA's forms); evaluation asks one question per type.
+Visual-token dropout, the same for every method: a quarter of the images keep a random 10-60% of their visual tokens
+(in order), so the language model has seen missing tokens as large models trained on varied images have. easy-VQA's
+yes/no answers are balanced within each family (colour or shape, plain or negated; see ``answer_weights``): "is
+there a red shape?" is "no" nine times in ten, and unweighted the language model learned to answer it from the
+question alone. Balanced, it still learned yes/no late (after 1000 of 4000 steps it was at chance); the mosaics'
+yes/no questions, balanced by construction, give it more and more varied examples of the same comparison (85% on
+easy-VQA's yes/no after 1500 of 3000 steps).
 
 The language model reads the tower's last layer (``vision_feature_layer=-1``), not LLaVA's penultimate one: CLIP's
 last layer is shaped by its [CLS] objective alone, ours is the one the dense terms train. With the previous shipped
