@@ -41,7 +41,9 @@ after 600 weighted steps 92% and 64%.
 Geometry: 168 px / patch 14 = 144 tokens, the smallest LLaVA-like count the issue allows; a 224 px / 256-token tower
 was still undertrained after the same CPU time (see the issue), and every doubling of tokens slows both stages.
 
-Everything is seeded; on one machine and thread count the run is repeatable.
+Everything is seeded; on one machine and thread count the run is repeatable. It is not robust: whether stage 2
+learns to read positions at all changed with the rounding of one sum in otherwise identical runs (README,
+"Re-training"), so check the mosaic position numbers in ``training_report.json`` after a re-run.
 """
 
 import argparse

@@ -103,7 +103,7 @@ def test_mosaic_yes_no_questions_are_balanced_and_weighted_apart_from_single_ima
     weights = answer_weights(examples, groups)
     for group in (1, 4):
         totals = Counter()
-        for (example, weight), g in zip(zip(examples, weights), groups):
+        for example, weight, g in zip(examples, weights, groups):
             if g == group and example.kind == "yes/no":
                 totals[example.answer] += weight
         assert totals["yes"] == pytest.approx(totals["no"])
