@@ -6,12 +6,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPModel, pipeline
 
 import llava_rc
 from llava_rc import easyvqa
 from llava_rc.hub_upload import run_without_llava_rc
-from llava_rc.train_easyvqa import answer_weights, packed_batch
+from llava_rc import train_easyvqa as T
+from llava_rc.train_easyvqa import answer_weight_exponent, answer_weights, dropout_tokens, packed_batch
 
 PACKAGE = Path(llava_rc.__file__).parent
 CHECKPOINT = PACKAGE / "checkpoints" / "llava-rc-easyvqa"
@@ -112,6 +114,55 @@ def test_mosaic_yes_no_questions_are_balanced_and_weighted_apart_from_single_ima
     assert max(mosaic_weights) < 2
     pooled = [w for e, w, g in zip(examples, answer_weights(examples), groups) if g == 4 and e.kind == "yes/no"]
     assert max(pooled) > max(mosaic_weights) + 0.5
+
+
+def test_yes_no_balancing_holds_for_the_first_half_then_fades_out():
+    assert [answer_weight_exponent(p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert 5.0 ** answer_weight_exponent(1.0) == 1.0  # natural answer frequencies at the end
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_dropout_keeps_random_patches_in_order_and_merges_the_rest_into_one_token(merge):
+    patches = 12
+    features = torch.eye(patches, dtype=torch.float16)  # patch i is one-hot at i: a merged token shows its weights
+    tokens = dropout_tokens(features, 5, merge, torch.Generator().manual_seed(3))
+    kept = tokens[:5].argmax(-1)
+    assert torch.equal(tokens[:5], features[kept].float()) and bool((kept.diff() > 0).all())  # raster order
+    assert len(tokens) == 5 + merge
+    if merge:
+        weights = tokens[5]
+        dropped = torch.ones(patches, dtype=torch.bool)
+        dropped[kept] = False
+        assert bool((weights[dropped] > 0).all()) and bool((weights[~dropped] == 0).all())
+        assert 0 < weights.sum() <= 1
+    # all patches kept: nothing to merge; nothing kept: one patch all the same
+    assert len(dropout_tokens(features, patches, True, torch.Generator().manual_seed(0))) == patches
+    assert len(dropout_tokens(features, 0, False, torch.Generator().manual_seed(0))) == 1
+
+
+@pytest.mark.parametrize("go_on", [False, True])
+def test_stage2_stops_where_its_check_says_so(go_on):
+    words = easyvqa.vocabulary()
+    processor = T.build_processor(words)
+    clip = CLIPModel(T.clip_config_for(len(processor.guidance_tokenizer)))
+    model = T.new_model(T.model_config(clip.config, processor.tokenizer, hidden_size=16), clip, seed=0)
+    trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad and name.startswith("model.")}
+    assert trainable == {"multi_modal_projector", "language_model"} and model.lm_head.weight.requires_grad
+    assert not any(p.requires_grad for p in model.guidance_text_model.parameters())
+    scenes = easyvqa.mosaic_scenes("train", 3, seed=0)
+    features = torch.randn(len(scenes), T.NUM_PATCHES, clip.config.vision_config.hidden_size, dtype=torch.float16)
+    before = model.lm_head.weight.detach().clone()
+    calls = []
+
+    def check() -> bool:
+        calls.append(model.training)
+        return go_on
+
+    finished = T.train_language_model(
+        model, processor.tokenizer, features, scenes, 3, 2, 0, torch.autocast("cpu", enabled=False), check=(2, check)
+    )
+    assert finished is go_on and calls == [False]  # called once, after step 2, with the model in eval mode
+    assert not torch.equal(before, model.lm_head.weight)
 
 
 def test_packed_training_rows_see_only_the_image_and_their_own_block():
