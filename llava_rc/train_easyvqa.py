@@ -702,9 +702,9 @@ def main(argv: list[str] | None = None) -> None:
     # POSITION_CHECK_STEP steps, training mosaics' position questions decide whether this run goes on or stage 2
     # starts again from the next seed. The last attempt always runs to the end.
     probe_scenes = mosaics[:100]
-    probe = easyvqa.prepare_batches(  # with a processor of its own: tokenizing sets truncation on the saved one
-        build_processor(words), probe_scenes, [e for scene in probe_scenes for e in scene.examples if e.kind in POSITION_KINDS]
-    )
+    probe_examples = [e for scene in probe_scenes for e in scene.examples if e.kind in POSITION_KINDS]
+    # A processor of its own: tokenizing would leave truncation set in the one that is saved.
+    probe = easyvqa.prepare_batches(build_processor(words), probe_scenes, probe_examples)
     attempts = []
     for attempt in range(args.lm_attempts):
         seed = args.seed + attempt

@@ -12,8 +12,18 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPModel, 
 import llava_rc
 from llava_rc import easyvqa
 from llava_rc.hub_upload import run_without_llava_rc
-from llava_rc import train_easyvqa as T
-from llava_rc.train_easyvqa import answer_weight_exponent, answer_weights, dropout_tokens, packed_batch
+from llava_rc.train_easyvqa import (
+    NUM_PATCHES,
+    answer_weight_exponent,
+    answer_weights,
+    build_processor,
+    clip_config_for,
+    dropout_tokens,
+    model_config,
+    new_model,
+    packed_batch,
+    train_language_model,
+)
 
 PACKAGE = Path(llava_rc.__file__).parent
 CHECKPOINT = PACKAGE / "checkpoints" / "llava-rc-easyvqa"
@@ -143,14 +153,14 @@ def test_dropout_keeps_random_patches_in_order_and_merges_the_rest_into_one_toke
 @pytest.mark.parametrize("go_on", [False, True])
 def test_stage2_stops_where_its_check_says_so(go_on):
     words = easyvqa.vocabulary()
-    processor = T.build_processor(words)
-    clip = CLIPModel(T.clip_config_for(len(processor.guidance_tokenizer)))
-    model = T.new_model(T.model_config(clip.config, processor.tokenizer, hidden_size=16), clip, seed=0)
-    trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad and name.startswith("model.")}
+    processor = build_processor(words)
+    clip = CLIPModel(clip_config_for(len(processor.guidance_tokenizer)))
+    model = new_model(model_config(clip.config, processor.tokenizer, hidden_size=16), clip, seed=0)
+    trainable = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad and name[:6] == "model."}
     assert trainable == {"multi_modal_projector", "language_model"} and model.lm_head.weight.requires_grad
     assert not any(p.requires_grad for p in model.guidance_text_model.parameters())
     scenes = easyvqa.mosaic_scenes("train", 3, seed=0)
-    features = torch.randn(len(scenes), T.NUM_PATCHES, clip.config.vision_config.hidden_size, dtype=torch.float16)
+    features = torch.randn(len(scenes), NUM_PATCHES, clip.config.vision_config.hidden_size, dtype=torch.float16)
     before = model.lm_head.weight.detach().clone()
     calls = []
 
@@ -158,7 +168,7 @@ def test_stage2_stops_where_its_check_says_so(go_on):
         calls.append(model.training)
         return go_on
 
-    finished = T.train_language_model(
+    finished = train_language_model(
         model, processor.tokenizer, features, scenes, 3, 2, 0, torch.autocast("cpu", enabled=False), check=(2, check)
     )
     assert finished is go_on and calls == [False]  # called once, after step 2, with the model in eval mode
