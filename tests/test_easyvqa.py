@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, CLIPModel, pipeline
 
 import llava_rc
-from llava_rc import easyvqa
+from llava_rc import easyvqa, train_easyvqa
 from llava_rc.hub_upload import run_without_llava_rc
 from llava_rc.train_easyvqa import (
     NUM_PATCHES,
@@ -22,6 +22,7 @@ from llava_rc.train_easyvqa import (
     model_config,
     new_model,
     packed_batch,
+    qa_blocks,
     train_language_model,
 )
 
@@ -96,9 +97,33 @@ def test_yes_no_answers_are_balanced_within_each_question_family():
     assert len(totals) == 4  # colour or shape, plain or negated
     for answers in totals.values():
         assert answers["yes"] == pytest.approx(answers["no"])
-    # the rare answer of a colour question ("yes, there is a red shape") weighs most
+    # the rarer answer of a colour question ("yes, there is a red shape") weighs more, even with the added questions
     rare = next(w for e, w in zip(examples, weights) if e.question == "is there a red shape?" and e.answer == "yes")
-    assert rare > 3
+    common = next(w for e, w in zip(examples, weights) if e.question == "is there a red shape?" and e.answer == "no")
+    assert rare > 1.3 and common < 0.8
+
+
+def test_single_training_images_add_yes_no_questions_about_their_own_colour():
+    scenes = easyvqa.single_scenes("train")
+    forms = {form.format("{}"): negated for negated, group in enumerate(easyvqa.YES_NO_FORMS) for form in group}
+    added = Counter()
+    for scene in scenes:
+        color = scene.cells[0][0]
+        training = easyvqa.training_questions(scene)
+        assert training[: len(scene.examples)] == scene.examples  # easy-VQA's own questions, untouched, first
+        extra = training[len(scene.examples) :]
+        assert extra == easyvqa.present_color_yes_no(scene)  # deterministic
+        questions = [example.question for example in training]
+        assert len(set(questions)) == len(questions)
+        for example in extra:
+            negated = forms[example.question.replace(f"{color} shape", "{}")]
+            assert example.kind == "yes/no" and example.answer == ("no" if negated else "yes")
+            added[example.answer] += 1
+    # one plain and one negated question per image, less those the image already had
+    assert 0.9 * len(scenes) < added["yes"] <= len(scenes) and 0.9 * len(scenes) < added["no"] <= len(scenes)
+    # evaluation asks easy-VQA's own test questions only
+    (singles, examples), _ = easyvqa.evaluation_sets(10**6, 1)
+    assert examples == [example for scene in singles for example in scene.examples] and len(examples) == 9673
 
 
 def test_mosaic_yes_no_questions_are_balanced_and_weighted_apart_from_single_images():
@@ -119,11 +144,15 @@ def test_mosaic_yes_no_questions_are_balanced_and_weighted_apart_from_single_ima
             if g == group and example.kind == "yes/no":
                 totals[example.answer] += weight
         assert totals["yes"] == pytest.approx(totals["no"])
-    # mosaics are near balance already, so their weights stay near 1; pooled with single images they would not
+    # mosaics are near balance already, so their weights stay near 1
     mosaic_weights = [w for e, w, g in zip(examples, weights, groups) if g == 4 and e.kind == "yes/no"]
     assert max(mosaic_weights) < 2
-    pooled = [w for e, w, g in zip(examples, answer_weights(examples), groups) if g == 4 and e.kind == "yes/no"]
-    assert max(pooled) > max(mosaic_weights) + 0.5
+    # pooled with single images (another mix of questions per family) the mosaics' answers would be out of balance
+    pooled = Counter()
+    for example, weight, group in zip(examples, answer_weights(examples), groups):
+        if group == 4 and example.kind == "yes/no" and example.question.startswith("is there a"):
+            pooled[example.answer] += weight
+    assert max(pooled.values()) > 1.3 * min(pooled.values())
 
 
 def test_yes_no_balancing_holds_for_the_first_half_then_fades_out():
@@ -173,6 +202,28 @@ def test_stage2_stops_where_its_check_says_so(go_on):
     )
     assert finished is go_on and calls == [False]  # called once, after step 2, with the model in eval mode
     assert not torch.equal(before, model.lm_head.weight)
+
+
+def test_stage2_adds_the_present_colour_questions_from_their_share_of_the_steps(monkeypatch):
+    processor = build_processor(easyvqa.vocabulary())
+    clip = CLIPModel(clip_config_for(len(processor.guidance_tokenizer)))
+    model = new_model(model_config(clip.config, processor.tokenizer, hidden_size=16), clip, seed=0)
+    scenes = easyvqa.single_scenes("train")[:1]
+    features = torch.randn(1, NUM_PATCHES, clip.config.vision_config.hidden_size)
+    blocks_seen = []
+
+    def recording_packed_batch(prefix, counts, blocks_per_image, *args):
+        blocks_seen.append([tuple(block[0]) for block in blocks_per_image[0]])
+        return packed_batch(prefix, counts, blocks_per_image, *args)
+
+    monkeypatch.setattr(train_easyvqa, "packed_batch", recording_packed_batch)
+    monkeypatch.setattr(train_easyvqa, "PRESENT_COLORS_FROM", 0.5)
+    train_language_model(model, processor.tokenizer, features, scenes, 4, 1, 0, torch.autocast("cpu", enabled=False))
+    own = qa_blocks(processor.tokenizer, scenes[0].examples, [1.0] * len(scenes[0].examples))
+    added = qa_blocks(processor.tokenizer, easyvqa.present_color_yes_no(scenes[0]), [1.0, 1.0])
+    assert len(added) == 2
+    before = [tuple(block[0]) for block in own]
+    assert blocks_seen == [before, before, before + [tuple(b[0]) for b in added], before + [tuple(b[0]) for b in added]]
 
 
 def test_packed_training_rows_see_only_the_image_and_their_own_block():
