@@ -230,16 +230,15 @@ def present_color_yes_no(scene: Scene) -> list[Example]:
     return examples
 
 
-def training_questions(scene: Scene, present_colors: bool = True) -> list[Example]:
+def training_questions(scene: Scene) -> list[Example]:
     """Every question a scene can answer without ambiguity (used for training; evaluation asks one per type).
 
-    Single images: easy-VQA's own questions and (``present_colors``) two about the colour the image has
-    (``present_color_yes_no``). Mosaics: shape and colour at each of the four positions, the colour of every shape
-    that occurs once, the shape of every colour that occurs once, and yes/no questions in easy-VQA's forms
-    (``mosaic_yes_no``).
+    Single images: easy-VQA's own questions and two about the colour the image has (``present_color_yes_no``).
+    Mosaics: shape and colour at each of the four positions, the colour of every shape that occurs once, the shape of
+    every colour that occurs once, and yes/no questions in easy-VQA's forms (``mosaic_yes_no``).
     """
     if len(scene.cells) == 1:
-        return scene.examples + (present_color_yes_no(scene) if present_colors else [])
+        return scene.examples + present_color_yes_no(scene)
     colors = [color for color, _ in scene.cells]
     shapes = [shape for _, shape in scene.cells]
     examples = mosaic_yes_no(scene)

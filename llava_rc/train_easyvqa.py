@@ -37,10 +37,10 @@ easy-VQA's yes/no after 1500 of 3000 steps). The balancing holds for the first h
 Reweighting cannot make up for how few present-colour questions easy-VQA has (about 300 per colour): faded to
 natural frequencies, the previous model answered "no" to 47 of 70 test questions about a colour that was there. So
 every single training image is also asked about its own colour, once plainly and once negated
-(``easyvqa.present_color_yes_no``, from ``PRESENT_COLORS_FROM`` of stage 2 on); with them easy-VQA test went from
-92.1% to 100% (README, "Reading it"). They must be there from the start: added at the halfway point (where the
-balancing starts to fade; the first half is then the previous run step for step, position check 96% included),
-easy-VQA fell to 85.6%, as yes/no swung the other way (absent colours 346 of 471 right, present 57 of 70).
+(``easyvqa.present_color_yes_no``, from the first step of stage 2); with them easy-VQA test went from 92.1% to 100%
+(README, "Reading it"). They must be there from the start: added at the halfway point (where the balancing starts
+to fade; the first half is then the previous run step for step, position check 96% included), easy-VQA fell to
+85.6%, as yes/no swung the other way (absent colours 346 of 471 right, present 57 of 70).
 
 The language model reads the tower's last layer (``vision_feature_layer=-1``), not LLaVA's penultimate one: CLIP's
 last layer is shaped by its [CLS] objective alone, ours is the one the dense terms train. With the previous shipped
@@ -351,7 +351,6 @@ def vision_features(model: LlavaRCForConditionalGeneration, pixels: torch.Tensor
     return torch.cat(parts)
 
 
-PRESENT_COLORS_FROM = 0.0  # share of stage 2 after which single images get present_color_yes_no (0.5: 85.6%)
 MERGE_SHARE = 0.5  # of the images with dropped tokens, the share that also get one merged token (see below)
 
 
@@ -424,19 +423,6 @@ def qa_blocks(tokenizer, examples, weights) -> list[tuple[list[int], int, float]
     return blocks
 
 
-def question_blocks(tokenizer, scenes, present_colors: bool) -> list[list[tuple[list[int], int, float]]]:
-    """Each scene's training question blocks (``qa_blocks``) with yes/no-balancing weights; single images' and
-    mosaics' answers are balanced separately (the mosaics' are balanced by construction)."""
-    questions = [easyvqa.training_questions(scene, present_colors) for scene in scenes]
-    weights = iter(
-        answer_weights(
-            [example for examples in questions for example in examples],
-            [len(scene.cells) for scene, examples in zip(scenes, questions) for _ in examples],
-        )
-    )
-    return [qa_blocks(tokenizer, examples, [next(weights) for _ in examples]) for examples in questions]
-
-
 def packed_batch(prefix: list[int], image_lengths: list[int], blocks_per_image, pad_id: int, image_id: int):
     """Ids, 4D block mask, positions, labels and label weights for images whose question-answer blocks share one
     sequence.
@@ -501,9 +487,15 @@ def train_language_model(
     optimizer = torch.optim.AdamW(trainable, lr=1.5e-3, weight_decay=0.01)
     schedule = warmup_cosine(optimizer, steps)
     prefix = tokenizer("USER:", add_special_tokens=True)["input_ids"]
-    # Without and with the added present-colour questions (see PRESENT_COLORS_FROM).
-    blocks_before = question_blocks(tokenizer, scenes, present_colors=False)
-    blocks_after = question_blocks(tokenizer, scenes, present_colors=True)
+    questions = [easyvqa.training_questions(scene) for scene in scenes]
+    # Single images' and mosaics' yes/no answers are balanced separately (the mosaics' are balanced by construction).
+    weights = iter(
+        answer_weights(
+            [example for examples in questions for example in examples],
+            [len(scene.cells) for scene, examples in zip(scenes, questions) for _ in examples],
+        )
+    )
+    blocks = [qa_blocks(tokenizer, examples, [next(weights) for _ in examples]) for examples in questions]
     embed = model.get_input_embeddings()
     image_id = model.config.image_token_id
     projector.train()
@@ -523,7 +515,6 @@ def train_language_model(
         ]
         counts = [len(tokens) for tokens in image_tokens]
         exponent = answer_weight_exponent(step / steps)
-        blocks = blocks_after if step >= PRESENT_COLORS_FROM * steps else blocks_before
         weighted = [[(ids, start, w**exponent) for ids, start, w in blocks[index]] for index in batch.tolist()]
         input_ids, mask, position_ids, labels, label_weights = packed_batch(
             prefix, counts, weighted, tokenizer.pad_token_id, image_id
