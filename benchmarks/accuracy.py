@@ -164,28 +164,35 @@ def table_row(label: str, row: dict) -> str:
     )
 
 
-def update_readme(result: dict) -> None:
-    """Regenerate the generated accuracy tables from a result: the README's summary (marker ``accuracy``), every
-    row in docs/easyvqa.md (``accuracy-table``) and the goal checks in benchmarks/NOTES.md (``accuracy-goals``)."""
-    num_patches = result["num_patches"]
+def generated_sections(result: dict) -> dict[str, list[str]]:
+    """The tables made from a result, by marker: the README's summary (``accuracy``), every row for
+    docs/easyvqa.md (``accuracy-table``) and the goal checks for benchmarks/NOTES.md (``accuracy-goals``)."""
     header = [
         f"| setting | visual tokens per image | easy-VQA | mosaic | mosaic: {UNIQUE_OBJECT.replace('_', ' ')} |",
         "|---|---|---|---|---|",
     ]
     source = (
         f"{result['questions']['easy_vqa_test']} easy-VQA test and {result['questions']['mosaic_test']} mosaic test "
-        f"questions, {num_patches} patch tokens per image; tokens are the mean kept per image on easy-VQA / mosaics; "
-        f"torch {result['torch']}, transformers {result['transformers']} (`benchmarks/results/accuracy.json`)."
+        f"questions, {result['num_patches']} patch tokens per image; tokens are the mean kept per image on easy-VQA / "
+        f"mosaics; torch {result['torch']}, transformers {result['transformers']} (`benchmarks/results/accuracy.json`)."
     )
     summary = [table_row(label, row) for label, row in summary_rows(result["rows"])]
-    write_readme_section("accuracy", [*header, *summary, "", source])
     every_row = [table_row(row["label"], row) for row in result["rows"]]
-    write_readme_section("accuracy-table", [*header, *every_row, "", source])
-    goals_lines = []
+    goal_lines = []
     for name, check in result["goals"].items():
         detail = ", ".join(f"{key} {value:.3f}" for key, value in check.items() if key != "met")
-        goals_lines.append(f"- {'met' if check['met'] else '**missed**'}: {name} ({detail})")
-    write_readme_section("accuracy-goals", goals_lines)
+        goal_lines.append(f"- {'met' if check['met'] else '**missed**'}: {name} ({detail})")
+    return {
+        "accuracy": [*header, *summary, "", source],
+        "accuracy-table": [*header, *every_row, "", source],
+        "accuracy-goals": goal_lines,
+    }
+
+
+def update_readme(result: dict) -> None:
+    """Regenerate every table made from a result between its markers (README, docs/easyvqa.md, NOTES.md)."""
+    for marker, lines in generated_sections(result).items():
+        write_readme_section(marker, lines)
 
 
 def main() -> None:
