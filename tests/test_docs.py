@@ -111,8 +111,9 @@ def test_every_method_setting_is_documented_with_its_default():
             for match in re.finditer(r"^\| `(\w+)` \|(.*)\|\s*$", sections[method], flags=re.MULTILINE)
         }
         fields = {field.name: field for field in dataclasses.fields(config_class)}
-        assert set(fields) <= set(rows), f"{method}: settings missing from docs/methods.md: {sorted(set(fields) - set(rows))}"
-        assert set(rows) <= set(fields), f"{method}: documented settings that do not exist: {sorted(set(rows) - set(fields))}"
+        missing, stale = sorted(set(fields) - set(rows)), sorted(set(rows) - set(fields))
+        assert not missing, f"{method}: settings missing from docs/methods.md: {missing}"
+        assert not stale, f"{method}: documented settings that do not exist: {stale}"
         for name, field in fields.items():
             documented = rows[name][1].strip("`")  # cells: type, default, range, what it does
             assert ast.literal_eval(documented) == field.default, (
