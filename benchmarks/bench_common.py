@@ -1,4 +1,4 @@
-"""What every benchmark script shares: device synchronisation, timing, and writing a README table from results.
+"""What every benchmark script shares: device synchronisation, timing, and writing a docs table from results.
 
 The scripts run as ``python benchmarks/<name>.py``, so this file is imported as a sibling module.
 """
@@ -29,9 +29,17 @@ def timed(function, device: torch.device, repeats: int) -> list[float]:
 
 
 def write_readme_section(marker: str, lines: list[str]) -> None:
-    """Replace the README text between ``<!-- {marker}:begin -->`` and ``<!-- {marker}:end -->`` with ``lines``."""
-    readme = ROOT / "README.md"
+    """Replace the text between ``<!-- {marker}:begin -->`` and ``<!-- {marker}:end -->`` with ``lines``.
+
+    The markers are looked for in README.md, docs/*.md and benchmarks/NOTES.md (a generated table lives on the page
+    that shows it); exactly one file must hold them.
+    """
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    head, rest = readme.read_text().split(begin)
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "NOTES.md"]
+    holders = [page for page in pages if page.exists() and begin in page.read_text()]
+    if len(holders) != 1:
+        raise ValueError(f"expected the marker {begin!r} in exactly one of {[str(p) for p in pages]}, found {holders}")
+    page = holders[0]
+    head, rest = page.read_text().split(begin)
     _, tail = rest.split(end)
-    readme.write_text(head + begin + "\n" + "\n".join(lines).rstrip() + "\n" + end + tail)
+    page.write_text(head + begin + "\n" + "\n".join(lines).rstrip() + "\n" + end + tail)
