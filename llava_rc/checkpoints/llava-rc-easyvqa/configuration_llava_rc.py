@@ -27,8 +27,11 @@ class LlavaRCConfig(LlavaConfig):
 
     compression (`dict`, *optional*):
         Plain-JSON settings ``{"method": <name>, <method parameters>}``, validated on construction against the
-        method registry (see ``llava_rc.compression_registry.METHODS``). Defaults to Recoverable Compression
-        (``{"method": "rc"}``, adaptive count, ``"llm"`` guidance); ``{"method": "none"}`` is the identity.
+        method registry (see ``llava_rc.compression_registry.METHODS``). A config without this key (None) becomes
+        Recoverable Compression with its defaults: ``{"method": "rc"}``, adaptive count, ``"llm"`` guidance (the
+        language model's own embeddings; the RC paper's ``"clip"`` guidance needs ``guidance_text_config``).
+        ``{"method": "none"}`` is the identity. Per-call ``compression=`` updates these settings (see
+        ``compression_registry.update_compression``).
     guidance_text_config (`dict`, *optional*):
         A `CLIPTextConfig` as a dict. When given, the model owns a CLIP text tower and the CLIP text and visual
         projections, which ``guidance="clip"`` uses (the RC paper's text guidance).

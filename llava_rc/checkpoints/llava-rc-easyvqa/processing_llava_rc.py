@@ -63,7 +63,11 @@ class LlavaRCProcessor(LlavaProcessor):
         if guidance_text is None:
             questions = [extract_question(prompt, self.image_token) for prompt in prompts]
         else:
-            questions = [guidance_text] if isinstance(guidance_text, str) else list(guidance_text)
+            questions = [guidance_text] if isinstance(guidance_text, str) else guidance_text
+            if not isinstance(questions, (list, tuple)) or not all(isinstance(q, str) for q in questions):
+                raise TypeError(
+                    f"guidance_text must be a str or a list of str (one per prompt), got {guidance_text!r}"
+                )
             if len(questions) != len(prompts):
                 raise ValueError(f"guidance_text has {len(questions)} entries for {len(prompts)} prompts")
         tokens = self.guidance_tokenizer(
