@@ -8,8 +8,9 @@ over the crop), so scores of different crops stay comparable, as with per-crop [
 
 Attention sinks: a tower without [CLS] often routes most of every query's attention to a few tokens regardless of
 what they show (high-norm "register" tokens in background patches). ``num_sinks`` S > 0 names the S most-attended
-tokens of each crop sinks, takes them out of every query's softmax (the attention is renormalised over the other
-tokens) and gives them score 0: the ranking then reflects the attention that content tokens exchange. The default
+tokens of each crop sinks and takes them out of the statistic, as keys (out of every query's softmax, which is
+renormalised over the other tokens) and as queries, and gives them score 0: the scores of the other tokens are then
+exactly the statistic of the crop without its sinks, the attention that content tokens exchange. The default
 S = 0 is the peers' statistic. Measured in ``benchmarks/attention_sinks.py``.
 """
 
@@ -43,7 +44,8 @@ def received_attention(
     queries, keys: (P, T, A) the attention layer's q/k projections (A = num_heads * head_dim), all tokens of each
     crop. per_head=True: a softmax per head over the keys, then the mean over heads and queries; per_head=False:
     one softmax over all heads concatenated, scaled by sqrt(A) (RC's joint statistic), then the mean over queries.
-    num_sinks: S most-received tokens per crop taken out of the softmax and scored 0 (module docstring).
+    num_sinks: S most-received tokens per crop taken out of the statistic (as keys and queries) and scored 0
+    (module docstring).
     """
     logits = attention_logits(queries.float(), keys.float(), num_heads, per_head)  # (P, H, T, T) query x key
     scores = logits.softmax(dim=-1).mean(dim=(1, 2))  # (P, T)
@@ -55,7 +57,10 @@ def received_attention(
     sinks = scores.topk(num_sinks, dim=-1).indices  # (P, S)
     is_sink = torch.zeros_like(scores, dtype=torch.bool).scatter(1, sinks, True)  # (P, T)
     logits = logits.masked_fill(is_sink[:, None, None, :], float("-inf"))  # no query attends to a sink
-    return logits.softmax(dim=-1).mean(dim=(1, 2)).masked_fill(is_sink, 0.0)  # (P, T)
+    attention = logits.softmax(dim=-1).mean(dim=1)  # (P, T, T) query x key, mean over heads
+    content_queries = (~is_sink).float()  # (P, T) sinks' own queries are left out as well
+    scores = torch.einsum("pq,pqk->pk", content_queries, attention) / (num_tokens - num_sinks)  # (P, T)
+    return scores.masked_fill(is_sink, 0.0)
 
 
 def attention_logits(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, per_head: bool) -> torch.Tensor:
