@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llava_rc.compression_common import resolve_budget
+from llava_rc.compression_registry import METHODS
 from llava_rc.vision_importance import received_attention
 from tiny import greedy_loop_without_cache
 from tiny_onevision import IMAGE_SIZE, IMAGE_SIZES, NUM_PATCHES, SIDE, VIDEO_TOKEN_ID, make_onevision_batch
@@ -287,3 +288,38 @@ def test_vision_tower_runs_once_over_all_crops():
     finally:
         handle.remove()
     assert calls == [5 + 1 + 1]
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"none"}))
+def test_every_registered_method_runs_on_onevision_images(method):
+    model = tiny_onevision_model({"method": method})
+    batch = make_onevision_batch(PROMPTS, ROWS, seed=12)
+    report = model(**batch).compression
+    layouts = layouts_of(model, batch)
+    newlines = torch.tensor([int((layout.token_index == -1).sum()) for layout in layouts])
+    assert torch.equal(report.newline_counts, newlines)
+    assert (report.kept_counts >= newlines).all()
+    assert (report.kept_counts - newlines <= report.patch_counts).all()
+    assert (report.source_index < report.patch_counts.unsqueeze(1)).all()
+
+
+def test_training_forward_realigns_labels_and_matches_each_row_alone():
+    model = tiny_onevision_model({"method": "cls_attention", "budget": 0.5})
+    batch = make_onevision_batch([6, 9], [[(112, 112)], [(20, 56), (60, 30)]], seed=13)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = labels.masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    out = model(**batch, labels=labels)
+    assert out.labels.shape == out.logits.shape[:2] == out.attention_mask.shape
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    first, losses = 0, []
+    for row, count in enumerate([1, 2]):
+        single = unpad_onevision_row(batch, row, first, count)
+        row_labels = labels[row][batch["attention_mask"][row].bool()].unsqueeze(0)
+        alone = model(**single, labels=row_labels)
+        valid = alone.labels[:, 1:] != -100
+        losses.append((alone.loss * valid.sum(), valid.sum()))
+        first += count
+    total = sum(loss for loss, _ in losses) / sum(count for _, count in losses)
+    torch.testing.assert_close(out.loss, total, rtol=1e-4, atol=1e-5)
