@@ -243,8 +243,8 @@ class CompressedGenerationMixin:
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
         if encoder is None or not hasattr(encoder, "layers"):
             raise ValueError(
-                f"{settings.method!r} reads vision attention, which needs a CLIP/SigLIP-style vision tower with an encoder "
-                f"of attention layers; got {type(tower).__name__}"
+                f"{settings.method!r} reads vision attention, which needs a CLIP/SigLIP-style vision tower with an "
+                f"encoder of attention layers; got {type(tower).__name__}"
             )
         layers = encoder.layers
         num_layers = len(layers)

@@ -1,4 +1,5 @@
-"""Configurations of LLaVA, LLaVA-NeXT and LLaVA-OneVision with visual-token compression: the stock config plus ``compression``."""
+"""Configurations of LLaVA, LLaVA-NeXT and LLaVA-OneVision with visual-token compression: the stock config plus
+``compression``."""
 
 from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
 
@@ -46,8 +47,9 @@ class LlavaRCConfig(LlavaConfig):
         by: ``"cls_attention"`` or ``"received_attention"`` (the mean attention a token receives from all tokens of
         its crop); None (default) = [CLS] attention when the vision tower has a [CLS], else received attention.
     attention_sinks (`int`, *optional*, defaults to 0):
-        With received attention: the most-attended tokens per crop treated as attention sinks (left out of every
-        query's softmax and scored 0); 0 keeps the plain statistic. See ``llava_rc.vision_importance``.
+        With received attention: the most-attended tokens per crop treated as attention sinks (left out of the
+        statistic as keys and as queries, and scored 0); 0 keeps the plain statistic. See
+        ``llava_rc.vision_importance``.
     All other arguments are those of [`LlavaConfig`].
     """
 

@@ -311,7 +311,8 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
         ones = [torch.ones(count, side * side, 1, dtype=torch.float64) for count in crops_per_image]  # (P_i, N, 1)
         newline = torch.tensor([float(NEWLINE)], dtype=torch.float64)
         packed, _ = self.model.pack_image_features(
-            ones, [list(size) for size in geometry.sizes], image_newline=newline, vision_aspect_ratio=geometry.aspect_ratio
+            ones, [list(size) for size in geometry.sizes], image_newline=newline,
+            vision_aspect_ratio=geometry.aspect_ratio,
         )
         starts = torch.tensor([0, *crops_per_image]).cumsum(0).tolist()
         layouts = []
@@ -352,7 +353,9 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
             trailing = per_crop.shape[2:]
             flat = per_crop.reshape(*per_crop.shape[:2], -1)  # (P, N, F)
             images = [flat[layout.first_crop : layout.first_crop + layout.num_crops] for layout in layouts]
-            packed, _ = self.model.pack_image_features(images, sizes, image_newline=None, vision_aspect_ratio=aspect_ratio)
+            packed, _ = self.model.pack_image_features(
+                images, sizes, image_newline=None, vision_aspect_ratio=aspect_ratio
+            )
             return torch.stack(packed).view(len(layouts), -1, *trailing)  # (I_g, M, ...)
 
         return pack
