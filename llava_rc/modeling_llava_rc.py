@@ -264,6 +264,11 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
                              "processor returns them")
         if isinstance(image_sizes, OnevisionImageGeometry):
             return image_sizes
+        if isinstance(image_sizes, torch.Tensor) and isinstance(batch_num_images, torch.Tensor):
+            # One host read for both (they sit on the device when the caller moved the processor's outputs there).
+            host = torch.cat([image_sizes.flatten(), batch_num_images.flatten().to(image_sizes)]).tolist()
+            num_sides = image_sizes.numel()
+            image_sizes, batch_num_images = [host[i : i + 2] for i in range(0, num_sides, 2)], host[num_sides:]
         sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(size) for size in image_sizes]
         if batch_num_images is None:
             patched = [True] * len(sizes)
