@@ -48,6 +48,9 @@ step latency_next_fp16 420 "$python" benchmarks/latency.py --geometry llava-1.6-
     --repeats 3 --verify-largest-batch --sync-audit --output benchmarks/results/latency_next_cuda.json
 step readme 60 "$python" benchmarks/latency.py --readme-only
 step rc_step 240 "$python" benchmarks/rc_step.py --batch-sizes 1 16 --repeats 5 --device cuda --dtype float16
+# LLaVA-OneVision-7B geometry (1152 x 1152: 10 crops, 7371 image tokens), float16: TTFT vs roofline per variant
+step latency_onevision_fp16 300 "$python" benchmarks/latency_onevision.py --geometry llava-onevision-7b --device cuda \
+    --dtype float16 --repeats 3
 
 cp benchmarks/results/*.json "$logs/" 2>/dev/null
 git diff --stat -- README.md benchmarks/results | tee "$logs/changed.txt"

@@ -1,12 +1,13 @@
-"""llava-rc: training-free visual-token compression for LLaVA and LLaVA-NeXT models, loadable from the Hub."""
+"""llava-rc: training-free visual-token compression for LLaVA, LLaVA-NeXT and LLaVA-OneVision, loadable from the Hub."""
 
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan
 from .compression_registry import METHODS, parse_compression
-from .configuration_llava_rc import LlavaNextRCConfig, LlavaRCConfig
+from .configuration_llava_rc import LlavaNextRCConfig, LlavaOnevisionRCConfig, LlavaRCConfig
 from .modeling_llava_rc import CompressionReport, LlavaNextRCForConditionalGeneration, LlavaRCCausalLMOutputWithPast
-from .modeling_llava_rc import LlavaRCForConditionalGeneration, anyres_token_counts
+from .modeling_llava_rc import LlavaOnevisionRCForConditionalGeneration, LlavaRCForConditionalGeneration
+from .modeling_llava_rc import anyres_token_counts
 from .processing_llava_rc import LlavaRCProcessor
 
 __version__ = "0.1.0"
@@ -18,8 +19,10 @@ __version__ = "0.1.0"
 for config_class, model_class in (
     (LlavaRCConfig, LlavaRCForConditionalGeneration),
     (LlavaNextRCConfig, LlavaNextRCForConditionalGeneration),
+    (LlavaOnevisionRCConfig, LlavaOnevisionRCForConditionalGeneration),
 ):
-    # Local use: the Auto classes resolve model_type "llava_rc" / "llava_next_rc" without remote code.
+    # Local use: the Auto classes resolve model_type "llava_rc" / "llava_next_rc" / "llava_onevision_rc" without
+    # remote code.
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
     # Hub use: save_pretrained writes auto_map and copies the model code next to the weights.
@@ -34,6 +37,8 @@ __all__ = [
     "CompressionReport",
     "LlavaNextRCConfig",
     "LlavaNextRCForConditionalGeneration",
+    "LlavaOnevisionRCConfig",
+    "LlavaOnevisionRCForConditionalGeneration",
     "LlavaRCCausalLMOutputWithPast",
     "LlavaRCConfig",
     "LlavaRCForConditionalGeneration",

@@ -7,7 +7,9 @@ Console script ``llava-rc-upload`` (also ``python -m llava_rc.hub_upload``)::
     llava-rc-upload --base llava-hf/llava-v1.6-mistral-7b-hf --method gprune --output-dir ./llava-v1.6-mistral-7b-rc
 
 A ``llava`` base becomes ``LlavaRCForConditionalGeneration`` (model_type ``llava_rc``), a ``llava_next`` base
-``LlavaNextRCForConditionalGeneration`` (``llava_next_rc``); ``auto_map`` names the matching classes.
+``LlavaNextRCForConditionalGeneration`` (``llava_next_rc``), a ``llava_onevision`` base
+(``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``, ``-7b-ov-hf``) ``LlavaOnevisionRCForConditionalGeneration``
+(``llava_onevision_rc``); ``auto_map`` names the matching classes.
 
 Every cheap check (arguments, compression settings, base config, output dir, credentials) runs before any weights
 are loaded. The repo is written to a temporary directory next to the destination and loaded back in a fresh
@@ -31,9 +33,10 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
-from transformers import LlavaNextForConditionalGeneration
+from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
 from . import LlavaNextRCConfig, LlavaNextRCForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration
+from . import LlavaOnevisionRCConfig, LlavaOnevisionRCForConditionalGeneration
 from . import LlavaRCProcessor, parse_compression
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,7 +46,7 @@ VERIFY_MAX_NEW_TOKENS = 8
 # Used for the "compression on" check when the repo's own setting is "none".
 VERIFY_COMPRESSION_ON = {"method": "cls_attention", "budget": 0.5}
 TOTAL_STEPS = 5
-BASE_MODEL_TYPES = ("llava", "llava_next")
+BASE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 
 
 def family(model_type: str) -> tuple:
@@ -54,6 +57,9 @@ def family(model_type: str) -> tuple:
     return {
         "llava": (LlavaForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration),
         "llava_next": (LlavaNextForConditionalGeneration, LlavaNextRCConfig, LlavaNextRCForConditionalGeneration),
+        "llava_onevision": (
+            LlavaOnevisionForConditionalGeneration, LlavaOnevisionRCConfig, LlavaOnevisionRCForConditionalGeneration
+        ),
     }[model_type]
 
 RC_CITATION = """@article{chen2024recoverable,
