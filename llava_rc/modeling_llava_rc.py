@@ -298,6 +298,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
 
     def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
         """pixel_values (I, P_max, 3, H, W) padded crops (or (sum P_i, 3, H, W)) -> (sum P_i, 3, H, W)."""
+        self._check_pixel_values(pixel_values, (("num_images", "max_crops"), ("total_crops",)))
         geometry = self.image_geometry(image_sizes)
         crops_per_image = [
             image_size_to_num_patches(
@@ -310,6 +311,11 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
             for size, patched in zip(geometry.sizes, geometry.patched)
         ]
         if pixel_values.dim() == 5 and pixel_values.shape[0] == len(crops_per_image):
+            if pixel_values.shape[1] < max(crops_per_image):
+                raise ValueError(
+                    f"pixel_values has {pixel_values.shape[1]} crops per image but image_sizes "
+                    f"{list(geometry.sizes)} need {crops_per_image}"
+                )
             crops = torch.cat([images[:count] for images, count in zip(pixel_values, crops_per_image)])
         elif pixel_values.dim() == 4 and pixel_values.shape[0] == sum(crops_per_image):
             crops = pixel_values

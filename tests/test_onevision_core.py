@@ -4,6 +4,7 @@ and the received-attention score as documented; generate exact and batch-consist
 import pytest
 import torch
 
+from llava_rc.compressed_generation import NEWLINE_SOURCE
 from llava_rc.compression_common import resolve_budget
 from llava_rc.compression_registry import METHODS
 from llava_rc.vision_importance import received_attention
@@ -182,15 +183,15 @@ def test_output_keeps_reading_order_and_the_newlines_in_place():
         kept = [source for source in sources if source >= 0]
         assert kept == sorted(kept)
         if not rows:  # base view only: its kept tokens, then the one newline
-            assert sources[-1] == -1 and sources.count(-1) == 1
+            assert sources[-1] == NEWLINE_SOURCE and sources.count(NEWLINE_SOURCE) == 1
             continue
         row = 0
         for source in sources:
-            if source == -1:
+            if source == NEWLINE_SOURCE:
                 row += 1
             elif source >= NUM_PATCHES:
                 assert (source - NUM_PATCHES) // cols == row
-        assert row == rows and sources[-1] == -1
+        assert row == rows and sources[-1] == NEWLINE_SOURCE
 
 
 @pytest.mark.parametrize(
