@@ -1,40 +1,73 @@
-"""llava-rc: training-free visual-token compression for LLaVA and LLaVA-NeXT models, loadable from the Hub."""
+"""llava-rc: training-free visual-token compression for LLaVA and LLaVA-NeXT models, loadable from the Hub.
 
-from transformers import AutoConfig, AutoModelForImageTextToText
+The public names are imported on first use (PEP 562 ``__getattr__``): ``import llava_rc`` loads neither torch nor
+transformers, so ``python -m llava_rc --help`` and ``llava-rc-upload --help`` answer at once. The first use of any
+public name (``from llava_rc import LlavaRCConfig``, ``llava_rc.METHODS``, ...) registers the classes with
+transformers' Auto classes; ``register_auto_classes()`` does it explicitly.
+"""
 
-from .compression_common import CompressionInputs, MethodConfig, TokenPlan
-from .compression_registry import METHODS, parse_compression
-from .configuration_llava_rc import LlavaNextRCConfig, LlavaRCConfig
-from .modeling_llava_rc import CompressionReport, LlavaNextRCForConditionalGeneration, LlavaRCCausalLMOutputWithPast
-from .modeling_llava_rc import LlavaRCForConditionalGeneration, anyres_token_counts
-from .processing_llava_rc import LlavaRCProcessor
+import importlib
 
 __version__ = "0.1.0"
 
-for config_class, model_class in (
-    (LlavaRCConfig, LlavaRCForConditionalGeneration),
-    (LlavaNextRCConfig, LlavaNextRCForConditionalGeneration),
-):
-    # Local use: the Auto classes resolve model_type "llava_rc" / "llava_next_rc" without remote code.
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-    AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
-    # Hub use: save_pretrained writes auto_map and copies the model code next to the weights.
-    config_class.register_for_auto_class()
-    model_class.register_for_auto_class("AutoModelForImageTextToText")
-LlavaRCProcessor.register_for_auto_class()
+# public name -> the sibling module that defines it
+_EXPORTS = {
+    "METHODS": "compression_registry",
+    "CompressionInputs": "compression_common",
+    "CompressionReport": "modeling_llava_rc",
+    "LlavaNextRCConfig": "configuration_llava_rc",
+    "LlavaNextRCForConditionalGeneration": "modeling_llava_rc",
+    "LlavaRCCausalLMOutputWithPast": "modeling_llava_rc",
+    "LlavaRCConfig": "configuration_llava_rc",
+    "LlavaRCForConditionalGeneration": "modeling_llava_rc",
+    "LlavaRCProcessor": "processing_llava_rc",
+    "MethodConfig": "compression_common",
+    "TokenPlan": "compression_common",
+    "anyres_token_counts": "modeling_llava_rc",
+    "parse_compression": "compression_registry",
+}
+_registered = False
 
-__all__ = [
-    "METHODS",
-    "CompressionInputs",
-    "CompressionReport",
-    "LlavaNextRCConfig",
-    "LlavaNextRCForConditionalGeneration",
-    "LlavaRCCausalLMOutputWithPast",
-    "LlavaRCConfig",
-    "LlavaRCForConditionalGeneration",
-    "LlavaRCProcessor",
-    "MethodConfig",
-    "TokenPlan",
-    "anyres_token_counts",
-    "parse_compression",
-]
+
+def register_auto_classes() -> None:
+    """Register the configs, models and processor with transformers' Auto classes (once; later calls do nothing).
+
+    Local use: ``AutoConfig`` / ``AutoModelForImageTextToText`` resolve model_type "llava_rc" / "llava_next_rc" without
+    remote code. Hub use: ``save_pretrained`` writes ``auto_map`` and copies the model code next to the weights.
+    """
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from .configuration_llava_rc import LlavaNextRCConfig, LlavaRCConfig
+    from .modeling_llava_rc import LlavaNextRCForConditionalGeneration, LlavaRCForConditionalGeneration
+    from .processing_llava_rc import LlavaRCProcessor
+
+    for config_class, model_class in (
+        (LlavaRCConfig, LlavaRCForConditionalGeneration),
+        (LlavaNextRCConfig, LlavaNextRCForConditionalGeneration),
+    ):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
+        config_class.register_for_auto_class()
+        model_class.register_for_auto_class("AutoModelForImageTextToText")
+    LlavaRCProcessor.register_for_auto_class()
+    _registered = True
+
+
+def __getattr__(name: str):
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    register_auto_classes()
+    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+    globals()[name] = value  # later uses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+__all__ = [*sorted(_EXPORTS), "register_auto_classes"]

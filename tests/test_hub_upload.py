@@ -1,15 +1,17 @@
 """llava-rc-upload: stock LLaVA checkpoints (current and pre-4.52 key layouts) become verified remote-code repos.
 
-No network exists here: pushing is tested by replacing ``HfApi`` at the module boundary
-(``llava_rc.hub_upload.HfApi``) with a recording fake, and credentials by replacing ``huggingface_hub.get_token``.
+No network exists here: pushing is tested by replacing ``huggingface_hub.HfApi`` (the tool imports it when it pushes)
+with a recording fake, and credentials by replacing ``huggingface_hub.get_token``.
 """
 
 import json
 import textwrap
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -110,8 +112,8 @@ def converted(tmp_path_factory):
     (old_base / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
     FakeHfApi.calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hub_upload, "HfApi", FakeHfApi)
-        patch.setattr(hub_upload.huggingface_hub, "get_token", lambda: "hf_fake")
+        patch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+        patch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
         new_argv = ["--base", str(new_base), "--method", "none", "--output-dir", str(root / "out_new")]
         assert hub_upload.main(new_argv) == 0
         assert hub_upload.main([
@@ -174,8 +176,8 @@ def no_weights(monkeypatch, tmp_path):
         def from_pretrained(*args, **kwargs):
             raise AssertionError("weights were loaded before the inputs were validated")
 
-    monkeypatch.setattr(hub_upload, "LlavaForConditionalGeneration", Refuse)
-    monkeypatch.setattr(hub_upload, "HfApi", None)
+    monkeypatch.setattr(transformers, "LlavaForConditionalGeneration", Refuse)
+    monkeypatch.setattr(huggingface_hub, "HfApi", None)
     base = tmp_path / "base"
     LlavaConfig(**tiny_config_dict()).save_pretrained(base)  # a config alone: enough for every fast check
     return base
@@ -220,7 +222,7 @@ def test_rejects_non_empty_output_dir_without_force(no_weights, tmp_path, capsys
 def test_rejects_push_without_credentials(no_weights, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(hub_upload.huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     message = failure_message(["--base", str(no_weights), "--repo-id", "org/name"], capsys)
     assert "org/name" in message and "HF_TOKEN" in message
 
@@ -229,10 +231,13 @@ def test_requires_a_destination(no_weights, capsys):
     assert "--output-dir" in failure_message(["--base", str(no_weights)], capsys)
 
 
-def test_method_defaults_to_the_config_default():
-    from llava_rc import LlavaRCConfig
+def test_method_defaults_to_the_config_default_and_help_lists_every_method():
+    from llava_rc import METHODS, LlavaRCConfig
 
-    assert hub_upload.build_parser().parse_args(["--base", "x"]).method == LlavaRCConfig().compression["method"]
+    parser = hub_upload.build_parser()
+    assert hub_upload.DEFAULT_METHOD == LlavaRCConfig().compression["method"]
+    assert hub_upload.parse_settings(parser, None, [])["method"] == LlavaRCConfig().compression["method"]
+    assert sorted(hub_upload.METHOD_NAMES) == sorted(METHODS)
 
 
 def test_set_values_are_parsed_as_json():
@@ -244,8 +249,8 @@ def test_failed_verification_moves_and_pushes_nothing(tmp_path, monkeypatch):
     base = tmp_path / "base"
     save_base(base, old_layout=False)
     monkeypatch.setattr(hub_upload, "VERIFY_SCRIPT", "raise SystemExit('broken on purpose')")
-    monkeypatch.setattr(hub_upload, "HfApi", None)  # any push attempt would fail with a TypeError
-    monkeypatch.setattr(hub_upload.huggingface_hub, "get_token", lambda: "hf_fake")
+    monkeypatch.setattr(huggingface_hub, "HfApi", None)  # any push attempt would fail with a TypeError
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
     with pytest.raises(SystemExit, match="verification failed"):
         hub_upload.main(["--base", str(base), "--output-dir", str(tmp_path / "out"), "--repo-id", "org/name"])
     assert not (tmp_path / "out").exists()
