@@ -31,6 +31,7 @@ CHECKPOINT = PACKAGE / "checkpoints" / "llava-rc-easyvqa"
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_pixel_labels_agree_with_every_easy_vqa_answer(split):
     scenes = easyvqa.single_scenes(split)
@@ -278,6 +279,7 @@ FRESH_LOADER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_shipped_model_runs_from_its_own_code_in_a_fresh_process(tmp_path):
     scene = easyvqa.single_scenes("test")[1]
     example = next(e for e in scene.examples if e.kind == "color")
@@ -312,6 +314,7 @@ def evaluate(shipped, questions, mosaics, compression):
 # Thresholds sit a few points under what the shipped model measures on these seeded samples (README: accuracy
 # table): far above chance (about 0.43 on easy-VQA's mix, 0.2 on mosaics), so a broken load, prompt or compression
 # fails them.
+@pytest.mark.slow
 def test_shipped_model_answers_with_all_tokens(shipped):
     single, mosaic = evaluate(shipped, 160, 40, {"method": "none"})
     assert single["accuracy"] >= 0.95 and single["per_kind"]["color"] >= 0.95, single  # measured 1.00
@@ -319,6 +322,7 @@ def test_shipped_model_answers_with_all_tokens(shipped):
     assert mosaic["accuracy"] >= 0.94, mosaic  # measured 0.99
 
 
+@pytest.mark.slow
 def test_rc_keeps_few_tokens_and_still_answers(shipped):
     model, _ = shipped
     single, mosaic = evaluate(shipped, 160, 40, None)  # the config's default: RC with CLIP guidance

@@ -128,6 +128,7 @@ def converted(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_converted_repos_load_through_remote_code_and_match_stock(converted):
     arguments = [str(item) for name in ("new", "old") for item in converted[name]]
     result = run_without_llava_rc(CHECKER, arguments, converted["root"], timeout=300)
@@ -143,6 +144,7 @@ def test_converted_repos_load_through_remote_code_and_match_stock(converted):
     assert old["compression"]["method"] == "cls_attention" and old["compression"]["budget"] == 5
 
 
+@pytest.mark.slow
 def test_written_repo_files_and_model_card(converted):
     directory = converted["old"][0]
     names = {path.name for path in directory.iterdir()}
@@ -156,6 +158,7 @@ def test_written_repo_files_and_model_card(converted):
     assert not [path for path in converted["root"].iterdir() if path.name.startswith(".llava-rc-upload-")]
 
 
+@pytest.mark.slow
 def test_push_calls_the_hub_client_with_the_verified_folder(converted):
     (create, repo_id, create_kwargs), (upload, upload_repo_id, upload_kwargs) = converted["calls"]
     assert (create, repo_id, upload, upload_repo_id) == ("create_repo", "org/tiny-rc", "upload_folder", "org/tiny-rc")
@@ -277,6 +280,7 @@ def save_clip(directory: Path, vision_width: int = 32) -> CLIPModel:
     return model
 
 
+@pytest.mark.slow
 def test_clip_adds_guidance_tower_projections_and_tokenizer(tmp_path):
     """--clip: the repo carries CLIP's text tower and projections and a LlavaRCProcessor with CLIP's tokenizer,
     text-guided methods default to "clip" guidance, and main() verified it in a fresh process (remote code)."""
