@@ -119,6 +119,7 @@ def converted(tmp_path_factory):
         assert hub_upload.main([
             "--base", str(old_base), "--method", "cls_attention", "--set", "budget=5",
             "--output-dir", str(root / "out_old"), "--repo-id", "org/tiny-rc", "--private", "--revision", "dev",
+            "--base-model-id", "org/tiny-llava",
         ]) == 0
     return {
         "root": root,
@@ -154,7 +155,11 @@ def test_written_repo_files_and_model_card(converted):
     card = (directory / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and "library_name: transformers" in card
     assert "license: mit" in card and "2409.01179" in card and "trust_remote_code=True" in card
-    assert "license: other" in (converted["new"][0] / "README.md").read_text()
+    assert "base_model: org/tiny-llava" in card and "(https://huggingface.co/org/tiny-llava)" in card
+    new_card = (converted["new"][0] / "README.md").read_text()
+    assert "license: other" in new_card
+    # A local base without a recorded Hub id: no base_model at all, and its path appears nowhere.
+    assert "base_model" not in new_card and str(converted["root"]) not in new_card and "base_new" not in new_card
     assert not [path for path in converted["root"].iterdir() if path.name.startswith(".llava-rc-upload-")]
 
 
@@ -310,3 +315,100 @@ def test_rejects_clip_that_does_not_fit_the_vision_tower(no_weights, tmp_path, c
 def test_clip_guidance_without_clip_is_rejected(no_weights, tmp_path, capsys):
     argv = ["--base", str(no_weights), "--set", "guidance=clip", "--output-dir", str(tmp_path / "out")]
     assert "pass --clip" in failure_message(argv, capsys)
+
+
+def test_set_method_that_contradicts_method_is_an_error(no_weights, tmp_path, capsys):
+    argv = ["--base", str(no_weights), "--method", "rc", "--set", "method=gprune", "--output-dir", str(tmp_path / "o")]
+    message = failure_message(argv, capsys)
+    assert "method='gprune'" in message and "--method 'rc'" in message
+
+
+def test_set_keys_update_the_chosen_methods_defaults():
+    from llava_rc import parse_compression
+
+    parser = hub_upload.build_parser()
+    rc_defaults = parse_compression({"method": "rc"}).to_dict()
+    assert hub_upload.parse_settings(parser, "rc", ["budget=8"]) == {**rc_defaults, "budget": 8}
+    assert hub_upload.parse_settings(parser, "rc", ["method=rc", "budget=8"]) == {**rc_defaults, "budget": 8}
+    # Without --method, a --set method=... names the method; its own defaults are the starting point.
+    gprune = hub_upload.parse_settings(parser, None, ["method=gprune", "budget=4"])
+    assert gprune == {**parse_compression({"method": "gprune"}).to_dict(), "budget": 4}
+
+
+def test_base_model_id_is_never_a_local_path(tmp_path):
+    local = tmp_path / "base"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    assert hub_upload.base_model_id(str(local), None) is None
+    assert hub_upload.base_model_id(str(local), "org/given") == "org/given"
+    assert hub_upload.base_model_id("llava-hf/llava-1.5-7b-hf", None) == "llava-hf/llava-1.5-7b-hf"
+    for recorded, expected in [
+        ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-7b-hf"),
+        (str(tmp_path / "elsewhere"), None),
+        ("./checkpoints/llava", None),
+        ("~/models/llava", None),
+        ("C:\\models\\llava", None),
+        ("", None),
+    ]:
+        (local / "config.json").write_text(json.dumps({"model_type": "llava", "_name_or_path": recorded}))
+        assert hub_upload.base_model_id(str(local), None) == expected, recorded
+    card = hub_upload.model_card(None, {"method": "none"}, "other", "org/name")
+    assert "base_model" not in card
+    assert "base_model: org/base\n" in hub_upload.model_card("org/base", {"method": "none"}, "other", "org/name")
+
+
+def test_rejects_a_base_model_id_that_is_a_path(no_weights, tmp_path, capsys):
+    argv = ["--base", str(no_weights), "--base-model-id", str(tmp_path), "--output-dir", str(tmp_path / "out")]
+    message = failure_message(argv, capsys)
+    assert "--base-model-id" in message and str(tmp_path) in message
+
+
+def repo_snapshot(directory: Path) -> dict:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def make_folder(directory: Path, text: str) -> dict:
+    (directory / "sub").mkdir(parents=True)
+    (directory / "config.json").write_text(text)
+    (directory / "sub" / "weights.bin").write_bytes(text.encode() * 100)
+    return repo_snapshot(directory)
+
+
+def test_replace_directory_swaps_and_leaves_nothing_aside(tmp_path):
+    old = make_folder(tmp_path / "out", "old")
+    new = make_folder(tmp_path / "staging", "new")
+    hub_upload.replace_directory(tmp_path / "staging", tmp_path / "out")
+    assert repo_snapshot(tmp_path / "out") == new and new != old
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    new_again = make_folder(tmp_path / "staging", "newer")
+    hub_upload.replace_directory(tmp_path / "staging", tmp_path / "absent")
+    assert repo_snapshot(tmp_path / "absent") == new_again
+
+
+def test_replace_directory_restores_the_old_repo_when_the_move_fails(tmp_path, monkeypatch):
+    old = make_folder(tmp_path / "out", "old")
+    make_folder(tmp_path / "staging", "new")
+    real_replace = hub_upload.os.replace
+
+    def replace_failing_for_staging(source, target):
+        if Path(source) == tmp_path / "staging":
+            raise OSError("disk full (simulated)")
+        real_replace(source, target)
+
+    monkeypatch.setattr(hub_upload.os, "replace", replace_failing_for_staging)
+    with pytest.raises(OSError, match="simulated"):
+        hub_upload.replace_directory(tmp_path / "staging", tmp_path / "out")
+    assert repo_snapshot(tmp_path / "out") == old
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "staging"]  # the caller removes staging
+
+
+def test_signals_held_delivers_a_held_signal_when_the_block_ends():
+    import signal
+
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        with hub_upload.signals_held():
+            signal.raise_signal(signal.SIGINT)
+            events.append("block finished")
+    assert events == ["block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
