@@ -164,8 +164,9 @@ def scene_sheet(title: str, panels: list, captions: list):
     for index, (panel, lines) in enumerate(zip(panels, captions)):
         left = MARGIN + index * (PANEL + MARGIN)
         sheet.paste(panel, (left, heading.height))
+        top = heading.height + PANEL + MARGIN
         for line_index, (text, colour) in enumerate(lines):
-            draw.text((left, heading.height + PANEL + MARGIN + line_index * line_height), text, fill=colour, font=font())
+            draw.text((left, top + line_index * line_height), text, fill=colour, font=font())
     return sheet
 
 
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             off = model.generate(**inputs, compression={"method": "none"}, **settings)
             on = model.generate(**inputs, **settings)  # the model's own compression
             vision = model.generate(**inputs, compression=vision_only, **{**settings, "max_new_tokens": 1})
-            answer_off, answer_on = answer_text(processor, off, prompt_length), answer_text(processor, on, prompt_length)
+            answer_off = answer_text(processor, off, prompt_length)
+            answer_on = answer_text(processor, on, prompt_length)
             kept = int(on.compression.kept_counts[0])
             print(f"{entry['question']:44s} {entry['answer']:>9s} {answer_off:>10s} {answer_on:>10s} {kept:>5d}")
             totals["right_off"] += answer_off == entry["answer"]
@@ -209,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         scene_sheet(title, panels, captions).save(args.output_dir / sample["image"])
     mean_kept = sum(totals["kept"]) / len(totals["kept"])
     print(
-        f"\n{totals['right_off']}/{totals['questions']} right with all tokens, {totals['right_on']}/{totals['questions']} "
-        f"compressed, {mean_kept:.1f} of {num_patches} tokens kept on average. One picture per scene, with its legend: "
-        f"{args.output_dir}/"
+        f"\n{totals['right_off']}/{totals['questions']} right with all tokens, "
+        f"{totals['right_on']}/{totals['questions']} compressed, {mean_kept:.1f} of {num_patches} tokens kept on "
+        f"average. One picture per scene, with its legend: {args.output_dir}/"
     )
 
 

@@ -29,7 +29,9 @@ print("HEAVY", ",".join(heavy))
 """ % (HEAVY,)
 
 
-@pytest.mark.parametrize("module, usage", [("llava_rc", "python -m llava_rc"), ("llava_rc.hub_upload", "llava-rc-upload")])
+@pytest.mark.parametrize(
+    "module, usage", [("llava_rc", "python -m llava_rc"), ("llava_rc.hub_upload", "llava-rc-upload")]
+)
 def test_help_does_not_import_torch_or_transformers(module, usage):
     result = subprocess.run(
         [sys.executable, "-c", HELP_PROBE, module],

@@ -50,7 +50,8 @@ def old_repo(directory: Path) -> dict:
     return snapshot(directory)
 
 
-def start(case_dir: Path, base: Path, logs: Path, pause: str | None, repo_id: str | None) -> subprocess.Popen:
+def start(case_dir: Path, base: Path, logs: Path, pause: str | None, repo_id: str | None) -> tuple:
+    """The conversion's process and the file its output goes to."""
     (case_dir / "tmp").mkdir(parents=True, exist_ok=True)
     environment = {
         **os.environ,
@@ -68,10 +69,10 @@ def start(case_dir: Path, base: Path, logs: Path, pause: str | None, repo_id: st
                "--set", "budget=5", "--output-dir", str(case_dir / "out"), "--force"]
     if repo_id is not None:
         command += ["--repo-id", repo_id]
-    log = open(logs / f"{case_dir.name}.log", "w")  # noqa: SIM115 - closed with the process below
-    process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=case_dir)
-    process.log_file, process.log_path = log, logs / f"{case_dir.name}.log"
-    return process
+    log_path = logs / f"{case_dir.name}.log"
+    with open(log_path, "w") as log:  # the child holds its own copy of the file
+        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=case_dir)
+    return process, log_path
 
 
 def is_running(pid: int) -> bool:
@@ -92,15 +93,16 @@ def test_interrupted_force_leaves_the_old_or_the_new_repo_complete(tmp_path):
     LlavaForConditionalGeneration(LlavaConfig(**tiny_config_dict())).eval().save_pretrained(base)
     tiny_processor().save_pretrained(base)
 
-    reference = start(tmp_path / "reference", base, logs, None, None)
+    reference, reference_log = start(tmp_path / "reference", base, logs, None, None)
     runs = []
     for index, (step, signal_number, expected) in enumerate(CASES):
         case_dir = tmp_path / f"case{index}_{step}"
         old = old_repo(case_dir / "out")
         pause = f"{step}:5" if step in HELD_STEPS else f"{step}:{TIMEOUT}"
         repo_id = "org/tiny-rc" if step == "push" else None
-        runs.append(dict(step=step, signal=signal_number, expected=expected, dir=case_dir, old=old,
-                         process=start(case_dir, base, logs, pause, repo_id), child=None))
+        process, log_path = start(case_dir, base, logs, pause, repo_id)
+        runs.append(dict(step=step, signal=signal_number, expected=expected, dir=case_dir, old=old, process=process,
+                         log=log_path, child=None))
 
     # Signal each run when it reports its pause.
     deadline = time.monotonic() + TIMEOUT
@@ -108,7 +110,7 @@ def test_interrupted_force_leaves_the_old_or_the_new_repo_complete(tmp_path):
     while waiting:
         assert time.monotonic() < deadline, [run["step"] for run in waiting]
         for run in list(waiting):
-            text = run["process"].log_path.read_text()
+            text = run["log"].read_text()
             paused = re.search(rf"paused at {run['step']}(?: \(verification process (\d+)\))?", text)
             if paused:
                 run["child"] = int(paused.group(1)) if paused.group(1) else None
@@ -118,16 +120,14 @@ def test_interrupted_force_leaves_the_old_or_the_new_repo_complete(tmp_path):
                 assert run["process"].poll() is None, f"{run['step']} ended before pausing:\n{text[-3000:]}"
         time.sleep(0.1)
 
-    assert reference.wait(TIMEOUT) == 0, reference.log_path.read_text()[-3000:]
-    reference.log_file.close()
+    assert reference.wait(TIMEOUT) == 0, reference_log.read_text()[-3000:]
     new = snapshot(tmp_path / "reference" / "out")
     assert "model.safetensors" in new and "modeling_llava_rc.py" in new
 
     for run in runs:
         code = run["process"].wait(TIMEOUT)
-        run["process"].log_file.close()
         label = f"{run['step']} + {signal.Signals(run['signal']).name}"
-        assert code in EXIT_CODES[run["signal"]], f"{label}: exit {code}\n{run['process'].log_path.read_text()[-3000:]}"
+        assert code in EXIT_CODES[run["signal"]], f"{label}: exit {code}\n{run['log'].read_text()[-3000:]}"
         destination = snapshot(run["dir"] / "out")
         if run["expected"] == "old":
             assert destination == run["old"], label
