@@ -65,3 +65,21 @@ def test_demo_writes_a_self_explaining_picture_and_prints_no_timings(tmp_path, c
     colours = {colour for _, colour in picture.getcolors(picture.width * picture.height)}
     assert demo.KEPT[:3] in colours  # kept frames (and the legend's swatch) are drawn opaque
     assert demo.RECOVERED[:3] in colours
+
+
+@pytest.mark.slow
+def test_the_training_script_registers_the_auto_classes_before_it_saves():
+    """The package imports lazily; a module that saves models must use the package's names (which register the
+    Auto classes: auto_map and the code files in save_pretrained), not import the model modules directly."""
+    probe = (
+        "import llava_rc.train_easyvqa as training\n"  # no other use of the package's names here
+        "from transformers import AutoConfig\n"
+        "assert training.LlavaRCForConditionalGeneration._auto_class == 'AutoModelForImageTextToText'\n"
+        "print(type(AutoConfig.for_model('llava_rc')).__name__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "LlavaRCConfig"
