@@ -4,38 +4,67 @@ Run ``python -m llava_rc``. The model (``llava_rc/checkpoints/llava-rc-easyvqa``
 ``python -m llava_rc.train_easyvqa`` on easy-VQA) is loaded the way users load a Hub repo,
 ``AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)``. For every bundled scene (easy-VQA
 test images and 2x2 test mosaics, ``llava_rc/samples``) and question it prints the answer with all visual tokens and
-with the model's compression (RC with CLIP guidance), the tokens kept per image and the generate times, and writes
-one PNG per scene overlaying, for each question, which patches were kept, recovered by the question and merged.
+with the model's compression (RC with CLIP guidance) and the tokens kept per image, and writes one PNG per scene that
+explains itself: a legend, and for each question the question, both answers, the kept count and which patches were
+kept, recovered by the question and merged.
+
+No timings: a 1.2M-parameter model on a CPU spends its time outside the language model, so it cannot show the
+speed-up; the measured speed figures are in ``benchmarks/`` (``benchmarks/results/``).
+
+torch and transformers are imported after the arguments are parsed, so ``--help`` answers at once.
 """
 
 import argparse
 import json
-import statistics
-import time
+import textwrap
 from pathlib import Path
-
-from PIL import Image, ImageDraw
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 PACKAGE = Path(__file__).resolve().parent
 CHECKPOINT = PACKAGE / "checkpoints" / "llava-rc-easyvqa"
 SAMPLES = PACKAGE / "samples"
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
-PANEL = 252  # pixels per overlay panel
-# Overlay colours (RGBA): kept as is, recovered by the question (kept only because of it), merged into another token.
-KEPT, RECOVERED, MERGED = (46, 204, 64, 150), (255, 133, 27, 170), (0, 116, 217, 90)
+MAX_NEW_TOKENS = 4
+PANEL = 288  # pixels per overlay panel (square image part)
+MARGIN = 8
+FONT_SIZE = 14
+CAPTION_WIDTH = 40  # characters per caption line at FONT_SIZE in a PANEL-wide column
+# Patch roles (RGBA fill; frames are opaque). Kept and recovered patches get a thick frame and a faint tint, merged
+# ones (folded into another token) a thin frame only, so the scene's colours stay readable; dropped ones (in no
+# token) are darkened.
+KEPT, RECOVERED, MERGED, DROPPED = (46, 204, 64, 25), (255, 133, 27, 25), (0, 116, 217, 0), (0, 0, 0, 150)
+LEGEND = [
+    ("kept", KEPT, "kept as itself"),
+    ("recovered", RECOVERED, "kept because of the question (recovered)"),
+    ("merged", MERGED, "merged into another token"),
+    ("dropped", DROPPED, "dropped"),
+]
 
 
-def timed_generate(model, inputs: dict, compression: dict | None, repeats: int, max_new_tokens: int = 4):
-    """Median seconds of ``repeats`` greedy generate calls (after a warm-up) and the last output."""
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
-    output = model.generate(**inputs, compression=compression, **settings)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        output = model.generate(**inputs, compression=compression, **settings)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), output
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m llava_rc",
+        description="The shipped tiny LLaVA-RC answers questions about bundled scenes with all visual tokens and "
+        "compressed, and draws which patches it kept.",
+    )
+    parser.add_argument(
+        "--model",
+        default=str(CHECKPOINT),
+        help="a LLaVA-RC repo id or directory (default: the shipped easy-VQA model)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        default=SAMPLES,
+        help="a folder with samples.json (scenes: image file, questions and expected answers) and the images "
+        "(default: the bundled scenes)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("llava_rc_demo"),
+        help="where the PNGs go, one per scene (default: %(default)s)",
+    )
+    return parser
 
 
 def answer_text(processor, output, prompt_length: int) -> str:
@@ -51,38 +80,100 @@ def kept_as_themselves(report) -> set[int]:
 def patch_roles(report, vision_only_report) -> dict[str, set[int]]:
     """Which patches the language model reads as themselves ("kept"), which of those only the question brought back
     ("recovered": kept with the question, not in the same method's vision-only run) and which were folded into
-    another token ("merged")."""
+    another token ("merged"); the rest are dropped."""
     absorbed = report.absorbed[0]  # (K, N) bool
     kept, vision_kept = kept_as_themselves(report), kept_as_themselves(vision_only_report)
     merged = set(absorbed[absorbed.sum(dim=-1) > 1].any(dim=0).nonzero().flatten().tolist()) - kept
     return {"kept": kept & vision_kept, "recovered": kept - vision_kept, "merged": merged}
 
 
-def overlay(image: Image.Image, roles: dict[str, set[int]], grid: int, caption: str) -> Image.Image:
-    """The image at PANEL px with each patch tinted by its role (dropped patches darkened) and a caption."""
+def font(size: int = FONT_SIZE):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def draw_patch(draw, box: list[float], role: str | None) -> None:
+    """One patch of the overlay: tinted and framed (kept, recovered), framed only (merged) or darkened (dropped)."""
+    if role in ("kept", "recovered"):
+        colour = KEPT if role == "kept" else RECOVERED
+        draw.rectangle(box, fill=colour, outline=colour[:3] + (255,), width=3)
+    elif role == "merged":
+        draw.rectangle(box, outline=MERGED[:3] + (140,), width=1)
+    else:
+        draw.rectangle(box, fill=DROPPED)
+
+
+def overlay(image, roles: dict[str, set[int]], grid: int):
+    """The image at PANEL px with each of its grid x grid patches drawn by its role."""
+    from PIL import Image, ImageDraw
+
     base = image.convert("RGB").resize((PANEL, PANEL), Image.NEAREST)
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     step = PANEL / grid
-    colours = {"kept": KEPT, "recovered": RECOVERED, "merged": MERGED}
     for patch in range(grid * grid):
         row, column = divmod(patch, grid)
         box = [column * step, row * step, (column + 1) * step - 1, (row + 1) * step - 1]
-        role = next((name for name, patches in roles.items() if patch in patches), None)
-        draw.rectangle(box, fill=colours[role] if role else (0, 0, 0, 140))
-    panel = Image.new("RGB", (PANEL, PANEL + 34), "white")
-    panel.paste(Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB"), (0, 0))
-    ImageDraw.Draw(panel).multiline_text((4, PANEL + 2), caption, fill="black")
-    return panel
+        draw_patch(draw, box, next((name for name, patches in roles.items() if patch in patches), None))
+    return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+
+
+def caption_lines(question: str, expected: str, answer_off: str, answer_on: str, kept: int, total: int) -> list:
+    """(text, colour) lines under a panel: the question, both answers (red when not the expected one), the count."""
+    lines = [(line, "black") for line in textwrap.wrap(f"Q: {question}", CAPTION_WIDTH)]
+    for label, answer in (("all tokens", answer_off), ("compressed", answer_on)):
+        lines.append((f"{label}: {answer or '(empty)'}", "black" if answer == expected else "red"))
+    lines.append((f"expected: {expected}", "gray"))
+    lines.append((f"kept {kept} of {total} tokens", "black"))
+    return lines
+
+
+def legend_panel(width: int, title: str):
+    """The sheet's heading: the scene and model, and one swatch per patch role."""
+    from PIL import Image, ImageDraw
+
+    swatch, line_height = 18, FONT_SIZE + 8
+    rows = [(title, None)] + [(text, name) for name, _, text in LEGEND]
+    size = (width, MARGIN * 2 + line_height * len(rows))
+    heading, swatches = Image.new("RGB", size, "white"), Image.new("RGBA", size, (0, 0, 0, 0))
+    draw, swatch_draw = ImageDraw.Draw(heading), ImageDraw.Draw(swatches)
+    for index, (text, name) in enumerate(rows):
+        top = MARGIN + index * line_height
+        if name is None:
+            draw.text((MARGIN, top), text, fill="black", font=font(FONT_SIZE + 2))
+            continue
+        box = [MARGIN, top, MARGIN + swatch, top + swatch]
+        draw.rectangle(box, fill=(170, 170, 170))  # a light grey patch under the role's drawing
+        draw_patch(swatch_draw, box, name if name != "dropped" else None)
+        draw.text((MARGIN + swatch + 8, top + 1), text, fill="black", font=font())
+    return Image.alpha_composite(heading.convert("RGBA"), swatches).convert("RGB")
+
+
+def scene_sheet(title: str, panels: list, captions: list):
+    """The PNG of one scene: legend on top, then one column per panel (image above its caption)."""
+    from PIL import Image, ImageDraw
+
+    line_height = FONT_SIZE + 4
+    caption_height = MARGIN + line_height * max(len(lines) for lines in captions)
+    width = MARGIN + len(panels) * (PANEL + MARGIN)
+    heading = legend_panel(width, title)
+    sheet = Image.new("RGB", (width, heading.height + PANEL + caption_height + MARGIN), "white")
+    sheet.paste(heading, (0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for index, (panel, lines) in enumerate(zip(panels, captions)):
+        left = MARGIN + index * (PANEL + MARGIN)
+        sheet.paste(panel, (left, heading.height))
+        top = heading.height + PANEL + MARGIN
+        for line_index, (text, colour) in enumerate(lines):
+            draw.text((left, top + line_index * line_height), text, fill=colour, font=font())
+    return sheet
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(CHECKPOINT), help="a LLaVA-RC repo id or directory")
-    parser.add_argument("--samples", type=Path, default=SAMPLES)
-    parser.add_argument("--output-dir", type=Path, default=Path("llava_rc_demo"), help="where the PNGs go")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -90,43 +181,39 @@ def main(argv: list[str] | None = None) -> None:
     vision_only = {**compression, "guidance": None} if "guidance" in compression else compression
     num_patches = model.config.image_seq_length
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    settings = dict(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, return_dict_in_generate=True)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     print(f"{args.model}: {num_patches} visual tokens per image; compression {compression['method']} {compression}")
-    print(f"{'question':44s} {'expected':>9s} {'all tokens':>10s} {'compressed':>10s} {'kept':>5s} {'ms all':>7s} {'ms comp':>7s}")
+    print(f"{'question':44s} {'expected':>9s} {'all tokens':>10s} {'compressed':>10s} {'kept':>5s}")
     totals = {"right_off": 0, "right_on": 0, "questions": 0, "kept": []}
     for sample in json.loads((args.samples / "samples.json").read_text()):
         image = Image.open(args.samples / sample["image"])
-        panels = []
+        # First column: the scene as the model sees it, without any drawing.
+        panels = [image.convert("RGB").resize((PANEL, PANEL), Image.NEAREST)]
+        captions = [[("the scene", "black"), (f"all tokens: {num_patches} per image", "black")]]
         for entry in sample["questions"]:
             inputs = processor(images=image, text=PROMPT.format(question=entry["question"]), return_tensors="pt")
             prompt_length = inputs["input_ids"].shape[1]
-            seconds_off, off = timed_generate(model, inputs, {"method": "none"}, args.repeats)
-            seconds_on, on = timed_generate(model, inputs, None, args.repeats)
-            vision = model.generate(
-                **inputs, compression=vision_only, max_new_tokens=1, do_sample=False, return_dict_in_generate=True
-            )
-            answer_off, answer_on = answer_text(processor, off, prompt_length), answer_text(processor, on, prompt_length)
+            off = model.generate(**inputs, compression={"method": "none"}, **settings)
+            on = model.generate(**inputs, **settings)  # the model's own compression
+            vision = model.generate(**inputs, compression=vision_only, **{**settings, "max_new_tokens": 1})
+            answer_off = answer_text(processor, off, prompt_length)
+            answer_on = answer_text(processor, on, prompt_length)
             kept = int(on.compression.kept_counts[0])
-            print(
-                f"{entry['question']:44s} {entry['answer']:>9s} {answer_off:>10s} {answer_on:>10s} {kept:>5d} "
-                f"{seconds_off * 1000:7.1f} {seconds_on * 1000:7.1f}"
-            )
+            print(f"{entry['question']:44s} {entry['answer']:>9s} {answer_off:>10s} {answer_on:>10s} {kept:>5d}")
             totals["right_off"] += answer_off == entry["answer"]
             totals["right_on"] += answer_on == entry["answer"]
             totals["questions"] += 1
             totals["kept"].append(kept)
-            roles = patch_roles(on.compression, vision.compression)
-            caption = f"{entry['question']}\n-> {answer_on} ({kept} of {num_patches} tokens)"
-            panels.append(overlay(image, roles, grid, caption))
-        sheet = Image.new("RGB", (PANEL * len(panels), panels[0].height), "white")
-        for index, panel in enumerate(panels):
-            sheet.paste(panel, (index * PANEL, 0))
-        sheet.save(args.output_dir / sample["image"])
+            panels.append(overlay(image, patch_roles(on.compression, vision.compression), grid))
+            captions.append(caption_lines(entry["question"], entry["answer"], answer_off, answer_on, kept, num_patches))
+        title = f"{sample['image']}: {Path(args.model).name}, compression {compression['method']}"
+        scene_sheet(title, panels, captions).save(args.output_dir / sample["image"])
     mean_kept = sum(totals["kept"]) / len(totals["kept"])
     print(
-        f"\n{totals['right_off']}/{totals['questions']} right with all tokens, {totals['right_on']}/{totals['questions']} "
-        f"compressed, {mean_kept:.1f} of {num_patches} tokens kept on average. Overlays (green kept, orange recovered "
-        f"by the question, blue merged, dark dropped): {args.output_dir}/"
+        f"\n{totals['right_off']}/{totals['questions']} right with all tokens, "
+        f"{totals['right_on']}/{totals['questions']} compressed, {mean_kept:.1f} of {num_patches} tokens kept on "
+        f"average. One picture per scene, with its legend: {args.output_dir}/"
     )
 
 

@@ -15,31 +15,44 @@ Every cheap check (arguments, compression settings, base config, output dir, cre
 are loaded. The repo is written to a temporary directory next to the destination and loaded back in a fresh
 interpreter where ``llava_rc`` cannot be imported; only if that succeeds is it moved into place and/or pushed.
 
+An existing ``--output-dir`` (``--force``) is never lost: it is renamed aside, the new repo is renamed in, and only
+then is the old one deleted; if the second rename fails the old one is renamed back. Both renames run with SIGINT and
+SIGTERM held back, so an interrupt leaves the destination either the old repo, complete, or the new one, complete.
+SIGTERM is handled like Ctrl-C: the verification process is ended and the staging and temporary folders are removed.
+
+torch, transformers and huggingface_hub are imported inside the functions that use them, after the arguments are
+parsed, so ``--help`` and argument errors answer at once.
+
+Debug hook: ``LLAVA_RC_UPLOAD_PAUSE=STEP[:SECONDS]`` makes the tool print ``paused at STEP`` to stderr and sleep
+(60 s by default) at one of PAUSE_STEPS; the tests interrupt a real conversion there. A signal ends the sleep, except
+in the two steps inside the rename ("aside", "replaced"), where it is held back until both renames are done.
+
 This is a command-line tool, not model code: no model file imports it, so it is not copied into Hub repos.
 """
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
-import huggingface_hub
-import torch
-from huggingface_hub import HfApi, ModelCard
-from PIL import Image
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPModel, LlavaForConditionalGeneration
-from transformers import LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
-
-from . import LlavaNextRCConfig, LlavaNextRCForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration
-from . import LlavaOnevisionRCConfig, LlavaOnevisionRCForConditionalGeneration
-from . import LlavaRCProcessor, parse_compression
-
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# LlavaRCConfig's default method (a test checks they agree); a literal so that --help needs no torch.
+DEFAULT_METHOD = "rc"
+# Method names for --help (a test checks they are the registry's).
+METHOD_NAMES = ("rc", "none", "cls_attention", "prumerge", "prumerge_plus", "gprune", "trsm", "random")
+PAUSE_ENVIRONMENT = "LLAVA_RC_UPLOAD_PAUSE"
+# Named steps of a conversion, in order; "aside" and "replaced" lie inside the rename, where signals are held back.
+PAUSE_STEPS = ("load", "write", "verify", "aside", "replaced", "push")
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 UPLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.md", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 REQUIRED_CODE_FILES = ("configuration_llava_rc.py", "modeling_llava_rc.py")
 VERIFY_MAX_NEW_TOKENS = 8
@@ -52,8 +65,15 @@ BASE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 def family(model_type: str) -> tuple:
     """(stock class, RC config class, RC model class) of a base's model_type; the stock class maps old key layouts.
 
-    Looked up at call time (not a module-level table), so that the names can be replaced in tests.
+    Looked up at call time (not a module-level table), so that the names can be replaced in tests
+    (``transformers.LlavaForConditionalGeneration``).
     """
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from . import LlavaNextRCConfig, LlavaNextRCForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration
+    from . import LlavaOnevisionRCConfig, LlavaOnevisionRCForConditionalGeneration
+
     return {
         "llava": (LlavaForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration),
         "llava_next": (LlavaNextForConditionalGeneration, LlavaNextRCConfig, LlavaNextRCForConditionalGeneration),
@@ -61,6 +81,7 @@ def family(model_type: str) -> tuple:
             LlavaOnevisionForConditionalGeneration, LlavaOnevisionRCConfig, LlavaOnevisionRCForConditionalGeneration
         ),
     }[model_type]
+
 
 RC_CITATION = """@article{chen2024recoverable,
   title   = {Recoverable Compression: A Multimodal Vision Token Recovery Mechanism Guided by Text Information},
@@ -116,6 +137,81 @@ def log(step: int, message: str) -> None:
     print(f"[{step}/{TOTAL_STEPS}] {message}", file=sys.stderr, flush=True)
 
 
+def debug_pause(step: str, detail: str = "") -> None:
+    """The documented debug hook: sleep at ``step`` when LLAVA_RC_UPLOAD_PAUSE names it (see the module docstring)."""
+    requested = os.environ.get(PAUSE_ENVIRONMENT)
+    if not requested:
+        return
+    name, _, seconds = requested.partition(":")
+    if name not in PAUSE_STEPS:
+        raise SystemExit(f"{PAUSE_ENVIRONMENT}={requested!r}: expected STEP[:SECONDS] with STEP one of {PAUSE_STEPS}")
+    if name == step:
+        print(f"llava-rc-upload: paused at {step}{detail}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds or 60))
+
+
+def raise_system_exit(signum: int, frame) -> None:
+    """SIGTERM handler: unwind like Ctrl-C (every ``finally`` runs), exiting with the shell's 128 + signal code."""
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM back for the block (main thread only); one that arrived meanwhile is raised again, to
+    its own handler, when the block ends.
+
+    Python-level handlers rather than a signal mask: a process-directed signal may reach any thread (torch starts
+    some), and CPython runs the Python handler in the main thread whichever thread received it.
+    """
+    received = []
+    previous = {number: signal.signal(number, lambda signum, frame: received.append(signum)) for number in HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+@contextlib.contextmanager
+def sigterm_like_sigint():
+    """SIGTERM raises SystemExit(143) for the block (Python's default would end the process without any cleanup)."""
+    previous = signal.signal(signal.SIGTERM, raise_system_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def replace_directory(staging: Path, destination: Path) -> None:
+    """Move ``staging`` to ``destination`` without ever losing the repo at ``destination``.
+
+    An existing destination is renamed aside (next to it), ``staging`` is renamed in, then the old one is deleted; if
+    the second rename fails, the old one is renamed back. The renames run with signals held back.
+    """
+    aside = None
+    try:
+        with signals_held():
+            if destination.exists():
+                # An empty directory made for the name; POSIX rename replaces an empty directory.
+                aside = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
+                os.replace(destination, aside)
+                debug_pause("aside")
+            try:
+                os.replace(staging, destination)
+            except BaseException:
+                if aside is not None:
+                    os.replace(aside, destination)
+                    aside = None
+                raise
+            debug_pause("replaced")
+    finally:
+        if aside is not None:
+            with signals_held():
+                shutil.rmtree(aside, ignore_errors=True)
+
+
 def parse_value(text: str):
     """JSON when it parses (``64`` -> int, ``0.1`` -> float, ``true`` -> bool), else the string itself."""
     try:
@@ -128,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llava-rc-upload",
         description="Turn a stock LLaVA checkpoint into a LLaVA-RC repo (trust_remote_code), verify it, save/push it.",
+        epilog="Example: llava-rc-upload --base llava-hf/llava-1.5-7b-hf --method cls_attention --set budget=64 "
+        "--output-dir ./llava-1.5-7b-rc",
     )
     parser.add_argument(
         "--base",
@@ -137,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--method",
-        default=LlavaRCConfig().compression["method"],
-        help="compression method (default: %(default)s)",
+        help=f"compression method written to the repo's config, one of {', '.join(METHOD_NAMES)} "
+        f"(default: {DEFAULT_METHOD}, or the method of a --set method=...)",
     )
     parser.add_argument(
         "--set",
@@ -146,31 +244,58 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a compression setting, repeatable; VALUE is parsed as JSON when possible (budget=64, budget=0.1)",
+        help="a setting of the method, repeatable; it updates the method's defaults; VALUE is parsed as JSON when "
+        "possible (budget=64, budget=0.1, guidance=null); a method=... must agree with --method",
     )
     parser.add_argument(
         "--clip",
         help="repo id or directory of the CLIP model whose text tower and projections give 'clip' guidance "
         "(for LLaVA-1.5: openai/clip-vit-large-patch14-336); without it the repo uses 'llm' guidance",
     )
+    parser.add_argument(
+        "--base-model-id",
+        help="the base's Hub id for the model card's base_model (default: --base when it is a Hub id, else the "
+        "_name_or_path in the base's config.json when that is a Hub id; a local path is never written)",
+    )
     parser.add_argument("--output-dir", type=Path, help="write the verified repo here")
     parser.add_argument("--repo-id", help="push the verified repo to this Hub repo (ORG/NAME)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--revision", help="branch to push to (default: the repo's default branch)")
-    parser.add_argument("--commit-message", help="commit message of the push")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --output-dir")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="dtype of the saved weights")
+    parser.add_argument("--commit-message", help="commit message of the push (default: names the method and base)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty --output-dir (the old one is kept until the new one is in place)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype of the saved weights (default: %(default)s, the base's own)",
+    )
     return parser
 
 
-def parse_settings(parser: argparse.ArgumentParser, method: str, items: list[str], clip: str | None = None) -> dict:
-    """The validated compression settings; text-guided methods default to "clip" guidance when --clip is given."""
-    compression = {"method": method}
+def parse_settings(
+    parser: argparse.ArgumentParser, method: str | None, items: list[str], clip: str | None = None
+) -> dict:
+    """The validated compression settings: the method's defaults updated by the --set keys (the per-call
+    ``compression=`` rule; a stock base has no settings of its own). A --set method=... that contradicts --method is
+    an error. Text-guided methods default to "clip" guidance when --clip is given."""
+    from . import parse_compression
+
+    given = {}
     for item in items:
         key, separator, value = item.partition("=")
         if not separator or not key.strip():
             parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        compression[key.strip()] = parse_value(value)
+        given[key.strip()] = parse_value(value)
+    if method is not None and "method" in given and given["method"] != method:
+        parser.error(
+            f"--set method={given['method']!r} contradicts --method {method!r}: give the method once "
+            f"(--set keys update the settings of the chosen method)"
+        )
+    compression = {**given, "method": method or given.get("method", DEFAULT_METHOD)}
     try:
         settings = parse_compression(compression).to_dict()
     except (ValueError, TypeError) as error:
@@ -184,6 +309,8 @@ def parse_settings(parser: argparse.ArgumentParser, method: str, items: list[str
 
 def check_clip_config(clip: str, base_config) -> None:
     """The CLIP model must be a CLIP whose visual projection reads the base's vision tower width."""
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(clip)
     except Exception as error:  # noqa: BLE001 - any failure here means the CLIP model cannot be used
@@ -199,6 +326,8 @@ def check_clip_config(clip: str, base_config) -> None:
 
 
 def check_base_config(base: str):
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(base)
     except Exception as error:  # noqa: BLE001 - any failure here means the base cannot be used
@@ -211,8 +340,32 @@ def check_base_config(base: str):
     return config
 
 
+def is_hub_id(name) -> bool:
+    """Whether ``name`` has the form of a Hub repo id (NAME or ORG/NAME) and is not an absolute or relative path."""
+    if not isinstance(name, str) or name.startswith((".", "~", "/")) or ".." in name or "--" in name:
+        return False
+    return re.fullmatch(r"[\w.-]{1,96}(/[\w.-]{1,96})?", name) is not None and not name.endswith(".")
+
+
+def base_model_id(base: str, given: str | None) -> str | None:
+    """The base's Hub id for the model card: ``given`` (--base-model-id), else --base itself when it is not a local
+    folder, else the ``_name_or_path`` recorded in the folder's config.json when that is a Hub id, else None."""
+    if given is not None:
+        return given
+    local = Path(base)
+    if not local.is_dir():
+        return base
+    try:
+        recorded = json.loads((local / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError):
+        return None
+    return recorded if is_hub_id(recorded) else None
+
+
 def base_license(base: str) -> str:
     """The license in the base model's card metadata, or "other" when it is not known."""
+    from huggingface_hub import ModelCard
+
     try:
         local = Path(base)
         card = ModelCard.load(local / "README.md" if local.is_dir() else base)
@@ -222,7 +375,8 @@ def base_license(base: str) -> str:
     return license_name if isinstance(license_name, str) and license_name else "other"
 
 
-def model_card(base: str, compression: dict, license_name: str, repo_name: str) -> str:
+def model_card(base_id: str | None, compression: dict, license_name: str, repo_name: str) -> str:
+    """The repo's README: metadata (``base_model`` only when the base's Hub id is known), usage and citation."""
     method = compression["method"]
     settings = ", ".join(f"`{key}={value!r}`" for key, value in compression.items() if key != "method")
     if method == "none":
@@ -234,13 +388,13 @@ def model_card(base: str, compression: dict, license_name: str, repo_name: str) 
             + " before the language model reads them."
         )
     metadata = {
-        "base_model": base,
+        **({"base_model": base_id} if base_id is not None else {}),
         "pipeline_tag": "image-text-to-text",
         "library_name": "transformers",
         "license": license_name,
         "tags": ["llava", "llava-rc", "visual-token-compression", "custom_code"],
     }
-    base_link = f"`{base}`" if Path(base).is_dir() else f"[{base}](https://huggingface.co/{base})"
+    base_link = f"[{base_id}](https://huggingface.co/{base_id})" if base_id is not None else "a stock LLaVA model"
     yaml = "\n".join(
         f"{key}:\n" + "\n".join(f"- {item}" for item in value) if isinstance(value, list) else f"{key}: {value}"
         for key, value in metadata.items()
@@ -294,6 +448,9 @@ Base model: {base_link}; please also cite the work in its model card.
 def load_and_convert(base: str, dtype, compression: dict, clip: str | None = None, model_type: str = "llava"):
     """The stock model (it maps old key layouts), and the RC subclass holding exactly its weights (plus, with
     ``clip``, CLIP's text tower and projections for "clip" guidance). model_type: the base's (BASE_MODEL_TYPES)."""
+    import torch
+    from transformers import CLIPModel
+
     stock_class, config_class, model_class = family(model_type)
     stock = stock_class.from_pretrained(base, dtype=dtype).eval()
     config_dict = {key: value for key, value in stock.config.to_dict().items() if key != "model_type"}
@@ -323,8 +480,10 @@ def load_and_convert(base: str, dtype, compression: dict, clip: str | None = Non
     return stock.eval(), model.eval()
 
 
-def with_guidance_tokenizer(processor, guidance_tokenizer) -> LlavaRCProcessor:
-    """The base's LLaVA processor plus CLIP's tokenizer for the question."""
+def with_guidance_tokenizer(processor, guidance_tokenizer):
+    """The base's LLaVA processor plus CLIP's tokenizer for the question (a LlavaRCProcessor)."""
+    from . import LlavaRCProcessor
+
     return LlavaRCProcessor(
         image_processor=processor.image_processor,
         tokenizer=processor.tokenizer,
@@ -348,6 +507,9 @@ def write_repo(directory: Path, model, processor, card: str) -> None:
 
 def verify_repo(directory: Path, stock, processor, compression: dict, model_type: str = "llava_rc") -> None:
     """Load ``directory`` through remote code in a fresh interpreter and compare with the stock model's output."""
+    import torch
+    from PIL import Image
+
     image_token = processor.image_token
     prompt = f"USER: {image_token}\nWhat is shown? ASSISTANT:"
     pixels = synthetic_pixels(processor)  # (H, W, 3) uint8
@@ -370,7 +532,8 @@ def verify_repo(directory: Path, stock, processor, compression: dict, model_type
             },
             scratch / "reference.pt",
         )
-        result = run_without_llava_rc(VERIFY_SCRIPT, [str(directory), str(scratch / "reference.pt")], scratch)
+        arguments = [str(directory), str(scratch / "reference.pt")]
+        result = run_without_llava_rc(VERIFY_SCRIPT, arguments, scratch, pause_step="verify")
     if result.returncode != 0:
         raise SystemExit(
             f"verification failed: the written repo does not load through remote code:\n{result.stderr[-4000:]}"
@@ -390,25 +553,35 @@ def verify_repo(directory: Path, stock, processor, compression: dict, model_type
 
 
 def run_without_llava_rc(
-    script: str, arguments: list[str], workdir: Path, timeout: float | None = None
+    script: str, arguments: list[str], workdir: Path, timeout: float | None = None, pause_step: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh interpreter in ``workdir``, offline, where ``llava_rc`` cannot be imported."""
+    """Run ``script`` in a fresh interpreter in ``workdir``, offline, where ``llava_rc`` cannot be imported.
+
+    The process is killed (and waited for) when this call ends early: a timeout, Ctrl-C, SIGTERM (main()'s handler).
+    ``pause_step``: the debug hook's step name for the time the process runs.
+    """
     path = workdir / "isolated_script.py"
     path.write_text(BLOCK_LLAVA_RC + script)
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", PAUSE_ENVIRONMENT)}
     environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "hf_modules"))
-    return subprocess.run(
-        [sys.executable, "-P", str(path), *arguments],
-        cwd=workdir,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    command = [sys.executable, "-P", str(path), *arguments]
+    with subprocess.Popen(
+        command, cwd=workdir, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            if pause_step is not None:
+                debug_pause(pause_step, f" (verification process {process.pid})")
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            process.kill()  # the with block then waits for it
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def synthetic_pixels(processor) -> torch.Tensor:
-    """A small deterministic RGB gradient (H, W, 3) uint8 at the image processor's crop size (64 px if none)."""
+def synthetic_pixels(processor):
+    """A small deterministic RGB gradient (H, W, 3) uint8 tensor at the image processor's crop size (64 px if none)."""
+    import torch
+
     size = getattr(processor.image_processor, "crop_size", None) or {}
     height, width = size.get("height", 64), size.get("width", 64)
     rows = (torch.arange(height) * 255 // max(height - 1, 1)).view(height, 1).expand(height, width)  # (H, W)
@@ -421,6 +594,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.output_dir is None and args.repo_id is None:
         parser.error("nothing to do: give --output-dir, --repo-id, or both")
+    if args.base_model_id is not None and not is_hub_id(args.base_model_id):
+        parser.error(f"--base-model-id expects a Hub repo id (ORG/NAME), got {args.base_model_id!r}")
+    pause = os.environ.get(PAUSE_ENVIRONMENT)
+    if pause and pause.partition(":")[0] not in PAUSE_STEPS:
+        parser.error(f"{PAUSE_ENVIRONMENT}={pause!r}: expected STEP[:SECONDS] with STEP one of {PAUSE_STEPS}")
     compression = parse_settings(parser, args.method, args.settings, args.clip)
     destination = args.output_dir.resolve() if args.output_dir is not None else None
     if destination is not None and destination.exists():
@@ -428,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--output-dir {str(destination)!r} exists and is not a directory")
         if any(destination.iterdir()) and not args.force:
             parser.error(f"--output-dir {str(destination)!r} is not empty; pass --force to replace it")
+    import huggingface_hub
+
     if args.repo_id is not None and huggingface_hub.get_token() is None:
         raise SystemExit(f"--repo-id {args.repo_id!r} needs Hub credentials: run `hf auth login` or set HF_TOKEN")
     base_config = check_base_config(args.base)
@@ -438,25 +618,40 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.base!r} is {base_config.model_type!r}: leave --clip out ('llm' guidance)"
             )
         check_clip_config(args.clip, base_config)
-    config_class = family(base_config.model_type)[1]
+    with sigterm_like_sigint():
+        convert(args, compression, base_config.model_type, destination)
+    print(f"done: {destination or args.repo_id}", file=sys.stderr)
+    return 0
+
+
+def convert(args: argparse.Namespace, compression: dict, model_type: str, destination: Path | None) -> None:
+    """Load, convert, write to a staging folder, verify, move into ``destination`` and/or push (checked arguments)."""
+    import torch
+    from transformers import AutoProcessor, AutoTokenizer
 
     log(1, f"loading base {args.base} (dtype {args.dtype}) ...")
-    dtype = DTYPES[args.dtype]
+    debug_pause("load")
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     processor = AutoProcessor.from_pretrained(args.base)
     if args.clip is not None:
         processor = with_guidance_tokenizer(processor, AutoTokenizer.from_pretrained(args.clip))
-    stock, model = load_and_convert(args.base, dtype, compression, args.clip, base_config.model_type)
+    stock, model = load_and_convert(args.base, dtype, compression, args.clip, model_type)
+    config_class = family(model_type)[1]
+    base_id = base_model_id(args.base, args.base_model_id)
 
     log(2, f"built {type(model).__name__} with compression {compression}")
     parent = destination.parent if destination is not None else None
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".llava-rc-upload-", dir=parent))
+    staging = None
     try:
+        with signals_held():  # the folder never exists without its name recorded for the cleanup
+            staging = Path(tempfile.mkdtemp(prefix=".llava-rc-upload-", dir=parent))
         repo_name = args.repo_id or (destination.name if destination is not None else "llava-rc")
         log(3, f"writing repo to {staging} ...")
-        write_repo(staging, model, processor, model_card(args.base, compression, base_license(args.base), repo_name))
+        write_repo(staging, model, processor, model_card(base_id, compression, base_license(args.base), repo_name))
         del model
+        debug_pause("write")
 
         log(4, "verifying the repo in a fresh process through remote code ...")
         verify_repo(staging, stock, processor, compression, config_class.model_type)
@@ -464,26 +659,27 @@ def main(argv: list[str] | None = None) -> int:
         folder = staging
         if destination is not None:
             log(5, f"moving into {destination}")
-            if destination.exists() and any(destination.iterdir()):
-                shutil.rmtree(destination)  # only reached with --force
-            os.replace(staging, destination)
+            replace_directory(staging, destination)
             folder = destination
         if args.repo_id is not None:
+            from huggingface_hub import HfApi
+
             log(5, f"pushing to {args.repo_id} ...")
+            debug_pause("push")
             api = HfApi()
             api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+            source = base_id or "a local checkpoint"
             api.upload_folder(
                 repo_id=args.repo_id,
                 folder_path=str(folder),
                 revision=args.revision,
-                commit_message=args.commit_message or f"Upload LLaVA-RC ({compression['method']}) from {args.base}",
+                commit_message=args.commit_message or f"Upload LLaVA-RC ({compression['method']}) from {source}",
                 allow_patterns=UPLOAD_PATTERNS,
             )
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    print(f"done: {destination or args.repo_id}", file=sys.stderr)
-    return 0
+        if staging is not None and staging.exists():
+            with signals_held():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -81,10 +81,9 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from . import easyvqa
-from .configuration_llava_rc import LlavaRCConfig
-from .modeling_llava_rc import LlavaRCForConditionalGeneration
-from .processing_llava_rc import LlavaRCProcessor
+# From the package (not its modules): the first use registers the Auto classes, so save_pretrained writes auto_map
+# and copies the model code.
+from . import LlavaRCConfig, LlavaRCForConditionalGeneration, LlavaRCProcessor, easyvqa
 
 logger = logging.get_logger(__name__)
 

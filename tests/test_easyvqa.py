@@ -31,6 +31,7 @@ CHECKPOINT = PACKAGE / "checkpoints" / "llava-rc-easyvqa"
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_pixel_labels_agree_with_every_easy_vqa_answer(split):
     scenes = easyvqa.single_scenes(split)
@@ -82,6 +83,7 @@ def test_mosaics_are_deterministic_test_only_and_unambiguous():
     assert image.size == (2 * easyvqa.CELL_SIZE, 2 * easyvqa.CELL_SIZE)
 
 
+@pytest.mark.slow  # loads easy-VQA's 4000 training images
 def test_yes_no_answers_are_balanced_within_each_question_family():
     examples = [example for scene in easyvqa.single_scenes("train") for example in easyvqa.training_questions(scene)]
     weights = answer_weights(examples)
@@ -103,6 +105,7 @@ def test_yes_no_answers_are_balanced_within_each_question_family():
     assert rare > 1.3 and common < 0.8
 
 
+@pytest.mark.slow  # loads easy-VQA's 4000 training images
 def test_single_training_images_add_yes_no_questions_about_their_own_colour():
     scenes = easyvqa.single_scenes("train")
     forms = {form.format("{}"): negated for negated, group in enumerate(easyvqa.YES_NO_FORMS) for form in group}
@@ -126,6 +129,7 @@ def test_single_training_images_add_yes_no_questions_about_their_own_colour():
     assert examples == [example for scene in singles for example in scene.examples] and len(examples) == 9673
 
 
+@pytest.mark.slow  # loads easy-VQA's 4000 training images
 def test_mosaic_yes_no_questions_are_balanced_and_weighted_apart_from_single_images():
     singles = easyvqa.single_scenes("train")[:500]
     mosaics = easyvqa.mosaic_scenes("train", 500, 0)
@@ -179,6 +183,7 @@ def test_dropout_keeps_random_patches_in_order_and_merges_the_rest_into_one_toke
     assert len(dropout_tokens(features, 0, False, torch.Generator().manual_seed(0))) == 1
 
 
+@pytest.mark.slow  # loads easy-VQA's 4000 training images
 @pytest.mark.parametrize("go_on", [False, True])
 def test_stage2_stops_where_its_check_says_so(go_on):
     words = easyvqa.vocabulary()
@@ -204,6 +209,7 @@ def test_stage2_stops_where_its_check_says_so(go_on):
     assert not torch.equal(before, model.lm_head.weight)
 
 
+@pytest.mark.slow  # loads easy-VQA's 4000 training images
 def test_stage2_trains_on_the_added_present_colour_questions_from_the_first_step(monkeypatch):
     processor = build_processor(easyvqa.vocabulary())
     clip = CLIPModel(clip_config_for(len(processor.guidance_tokenizer)))
@@ -278,6 +284,7 @@ FRESH_LOADER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_shipped_model_runs_from_its_own_code_in_a_fresh_process(tmp_path):
     scene = easyvqa.single_scenes("test")[1]
     example = next(e for e in scene.examples if e.kind == "color")
@@ -312,6 +319,7 @@ def evaluate(shipped, questions, mosaics, compression):
 # Thresholds sit a few points under what the shipped model measures on these seeded samples (README: accuracy
 # table): far above chance (about 0.43 on easy-VQA's mix, 0.2 on mosaics), so a broken load, prompt or compression
 # fails them.
+@pytest.mark.slow
 def test_shipped_model_answers_with_all_tokens(shipped):
     single, mosaic = evaluate(shipped, 160, 40, {"method": "none"})
     assert single["accuracy"] >= 0.95 and single["per_kind"]["color"] >= 0.95, single  # measured 1.00
@@ -319,6 +327,7 @@ def test_shipped_model_answers_with_all_tokens(shipped):
     assert mosaic["accuracy"] >= 0.94, mosaic  # measured 0.99
 
 
+@pytest.mark.slow
 def test_rc_keeps_few_tokens_and_still_answers(shipped):
     model, _ = shipped
     single, mosaic = evaluate(shipped, 160, 40, None)  # the config's default: RC with CLIP guidance

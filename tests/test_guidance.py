@@ -152,6 +152,7 @@ LOADER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_clip_guided_repo_loads_through_remote_code(tmp_path):
     repo = tmp_path / "repo"
     tiny_rc_model({"method": "rc", "guidance": "clip"}, **CLIP_GUIDED).save_pretrained(repo)

@@ -1,15 +1,17 @@
 """llava-rc-upload: stock LLaVA checkpoints (current and pre-4.52 key layouts) become verified remote-code repos.
 
-No network exists here: pushing is tested by replacing ``HfApi`` at the module boundary
-(``llava_rc.hub_upload.HfApi``) with a recording fake, and credentials by replacing ``huggingface_hub.get_token``.
+No network exists here: pushing is tested by replacing ``huggingface_hub.HfApi`` (the tool imports it when it pushes)
+with a recording fake, and credentials by replacing ``huggingface_hub.get_token``.
 """
 
 import json
 import textwrap
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -110,13 +112,14 @@ def converted(tmp_path_factory):
     (old_base / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
     FakeHfApi.calls = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hub_upload, "HfApi", FakeHfApi)
-        patch.setattr(hub_upload.huggingface_hub, "get_token", lambda: "hf_fake")
+        patch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+        patch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
         new_argv = ["--base", str(new_base), "--method", "none", "--output-dir", str(root / "out_new")]
         assert hub_upload.main(new_argv) == 0
         assert hub_upload.main([
             "--base", str(old_base), "--method", "cls_attention", "--set", "budget=5",
             "--output-dir", str(root / "out_old"), "--repo-id", "org/tiny-rc", "--private", "--revision", "dev",
+            "--base-model-id", "org/tiny-llava",
         ]) == 0
     return {
         "root": root,
@@ -126,6 +129,7 @@ def converted(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_converted_repos_load_through_remote_code_and_match_stock(converted):
     arguments = [str(item) for name in ("new", "old") for item in converted[name]]
     result = run_without_llava_rc(CHECKER, arguments, converted["root"], timeout=300)
@@ -141,6 +145,7 @@ def test_converted_repos_load_through_remote_code_and_match_stock(converted):
     assert old["compression"]["method"] == "cls_attention" and old["compression"]["budget"] == 5
 
 
+@pytest.mark.slow
 def test_written_repo_files_and_model_card(converted):
     directory = converted["old"][0]
     names = {path.name for path in directory.iterdir()}
@@ -150,10 +155,15 @@ def test_written_repo_files_and_model_card(converted):
     card = (directory / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in card and "library_name: transformers" in card
     assert "license: mit" in card and "2409.01179" in card and "trust_remote_code=True" in card
-    assert "license: other" in (converted["new"][0] / "README.md").read_text()
+    assert "base_model: org/tiny-llava" in card and "(https://huggingface.co/org/tiny-llava)" in card
+    new_card = (converted["new"][0] / "README.md").read_text()
+    assert "license: other" in new_card
+    # A local base without a recorded Hub id: no base_model at all, and its path appears nowhere.
+    assert "base_model" not in new_card and str(converted["root"]) not in new_card and "base_new" not in new_card
     assert not [path for path in converted["root"].iterdir() if path.name.startswith(".llava-rc-upload-")]
 
 
+@pytest.mark.slow
 def test_push_calls_the_hub_client_with_the_verified_folder(converted):
     (create, repo_id, create_kwargs), (upload, upload_repo_id, upload_kwargs) = converted["calls"]
     assert (create, repo_id, upload, upload_repo_id) == ("create_repo", "org/tiny-rc", "upload_folder", "org/tiny-rc")
@@ -174,8 +184,8 @@ def no_weights(monkeypatch, tmp_path):
         def from_pretrained(*args, **kwargs):
             raise AssertionError("weights were loaded before the inputs were validated")
 
-    monkeypatch.setattr(hub_upload, "LlavaForConditionalGeneration", Refuse)
-    monkeypatch.setattr(hub_upload, "HfApi", None)
+    monkeypatch.setattr(transformers, "LlavaForConditionalGeneration", Refuse)
+    monkeypatch.setattr(huggingface_hub, "HfApi", None)
     base = tmp_path / "base"
     LlavaConfig(**tiny_config_dict()).save_pretrained(base)  # a config alone: enough for every fast check
     return base
@@ -220,7 +230,7 @@ def test_rejects_non_empty_output_dir_without_force(no_weights, tmp_path, capsys
 def test_rejects_push_without_credentials(no_weights, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(hub_upload.huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     message = failure_message(["--base", str(no_weights), "--repo-id", "org/name"], capsys)
     assert "org/name" in message and "HF_TOKEN" in message
 
@@ -229,10 +239,13 @@ def test_requires_a_destination(no_weights, capsys):
     assert "--output-dir" in failure_message(["--base", str(no_weights)], capsys)
 
 
-def test_method_defaults_to_the_config_default():
-    from llava_rc import LlavaRCConfig
+def test_method_defaults_to_the_config_default_and_help_lists_every_method():
+    from llava_rc import METHODS, LlavaRCConfig
 
-    assert hub_upload.build_parser().parse_args(["--base", "x"]).method == LlavaRCConfig().compression["method"]
+    parser = hub_upload.build_parser()
+    assert hub_upload.DEFAULT_METHOD == LlavaRCConfig().compression["method"]
+    assert hub_upload.parse_settings(parser, None, [])["method"] == LlavaRCConfig().compression["method"]
+    assert sorted(hub_upload.METHOD_NAMES) == sorted(METHODS)
 
 
 def test_set_values_are_parsed_as_json():
@@ -244,8 +257,8 @@ def test_failed_verification_moves_and_pushes_nothing(tmp_path, monkeypatch):
     base = tmp_path / "base"
     save_base(base, old_layout=False)
     monkeypatch.setattr(hub_upload, "VERIFY_SCRIPT", "raise SystemExit('broken on purpose')")
-    monkeypatch.setattr(hub_upload, "HfApi", None)  # any push attempt would fail with a TypeError
-    monkeypatch.setattr(hub_upload.huggingface_hub, "get_token", lambda: "hf_fake")
+    monkeypatch.setattr(huggingface_hub, "HfApi", None)  # any push attempt would fail with a TypeError
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
     with pytest.raises(SystemExit, match="verification failed"):
         hub_upload.main(["--base", str(base), "--output-dir", str(tmp_path / "out"), "--repo-id", "org/name"])
     assert not (tmp_path / "out").exists()
@@ -272,6 +285,7 @@ def save_clip(directory: Path, vision_width: int = 32) -> CLIPModel:
     return model
 
 
+@pytest.mark.slow
 def test_clip_adds_guidance_tower_projections_and_tokenizer(tmp_path):
     """--clip: the repo carries CLIP's text tower and projections and a LlavaRCProcessor with CLIP's tokenizer,
     text-guided methods default to "clip" guidance, and main() verified it in a fresh process (remote code)."""
@@ -301,3 +315,100 @@ def test_rejects_clip_that_does_not_fit_the_vision_tower(no_weights, tmp_path, c
 def test_clip_guidance_without_clip_is_rejected(no_weights, tmp_path, capsys):
     argv = ["--base", str(no_weights), "--set", "guidance=clip", "--output-dir", str(tmp_path / "out")]
     assert "pass --clip" in failure_message(argv, capsys)
+
+
+def test_set_method_that_contradicts_method_is_an_error(no_weights, tmp_path, capsys):
+    argv = ["--base", str(no_weights), "--method", "rc", "--set", "method=gprune", "--output-dir", str(tmp_path / "o")]
+    message = failure_message(argv, capsys)
+    assert "method='gprune'" in message and "--method 'rc'" in message
+
+
+def test_set_keys_update_the_chosen_methods_defaults():
+    from llava_rc import parse_compression
+
+    parser = hub_upload.build_parser()
+    rc_defaults = parse_compression({"method": "rc"}).to_dict()
+    assert hub_upload.parse_settings(parser, "rc", ["budget=8"]) == {**rc_defaults, "budget": 8}
+    assert hub_upload.parse_settings(parser, "rc", ["method=rc", "budget=8"]) == {**rc_defaults, "budget": 8}
+    # Without --method, a --set method=... names the method; its own defaults are the starting point.
+    gprune = hub_upload.parse_settings(parser, None, ["method=gprune", "budget=4"])
+    assert gprune == {**parse_compression({"method": "gprune"}).to_dict(), "budget": 4}
+
+
+def test_base_model_id_is_never_a_local_path(tmp_path):
+    local = tmp_path / "base"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    assert hub_upload.base_model_id(str(local), None) is None
+    assert hub_upload.base_model_id(str(local), "org/given") == "org/given"
+    assert hub_upload.base_model_id("llava-hf/llava-1.5-7b-hf", None) == "llava-hf/llava-1.5-7b-hf"
+    for recorded, expected in [
+        ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-7b-hf"),
+        (str(tmp_path / "elsewhere"), None),
+        ("./checkpoints/llava", None),
+        ("~/models/llava", None),
+        ("C:\\models\\llava", None),
+        ("", None),
+    ]:
+        (local / "config.json").write_text(json.dumps({"model_type": "llava", "_name_or_path": recorded}))
+        assert hub_upload.base_model_id(str(local), None) == expected, recorded
+    card = hub_upload.model_card(None, {"method": "none"}, "other", "org/name")
+    assert "base_model" not in card
+    assert "base_model: org/base\n" in hub_upload.model_card("org/base", {"method": "none"}, "other", "org/name")
+
+
+def test_rejects_a_base_model_id_that_is_a_path(no_weights, tmp_path, capsys):
+    argv = ["--base", str(no_weights), "--base-model-id", str(tmp_path), "--output-dir", str(tmp_path / "out")]
+    message = failure_message(argv, capsys)
+    assert "--base-model-id" in message and str(tmp_path) in message
+
+
+def repo_snapshot(directory: Path) -> dict:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def make_folder(directory: Path, text: str) -> dict:
+    (directory / "sub").mkdir(parents=True)
+    (directory / "config.json").write_text(text)
+    (directory / "sub" / "weights.bin").write_bytes(text.encode() * 100)
+    return repo_snapshot(directory)
+
+
+def test_replace_directory_swaps_and_leaves_nothing_aside(tmp_path):
+    old = make_folder(tmp_path / "out", "old")
+    new = make_folder(tmp_path / "staging", "new")
+    hub_upload.replace_directory(tmp_path / "staging", tmp_path / "out")
+    assert repo_snapshot(tmp_path / "out") == new and new != old
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+    new_again = make_folder(tmp_path / "staging", "newer")
+    hub_upload.replace_directory(tmp_path / "staging", tmp_path / "absent")
+    assert repo_snapshot(tmp_path / "absent") == new_again
+
+
+def test_replace_directory_restores_the_old_repo_when_the_move_fails(tmp_path, monkeypatch):
+    old = make_folder(tmp_path / "out", "old")
+    make_folder(tmp_path / "staging", "new")
+    real_replace = hub_upload.os.replace
+
+    def replace_failing_for_staging(source, target):
+        if Path(source) == tmp_path / "staging":
+            raise OSError("disk full (simulated)")
+        real_replace(source, target)
+
+    monkeypatch.setattr(hub_upload.os, "replace", replace_failing_for_staging)
+    with pytest.raises(OSError, match="simulated"):
+        hub_upload.replace_directory(tmp_path / "staging", tmp_path / "out")
+    assert repo_snapshot(tmp_path / "out") == old
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "staging"]  # the caller removes staging
+
+
+def test_signals_held_delivers_a_held_signal_when_the_block_ends():
+    import signal
+
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        with hub_upload.signals_held():
+            signal.raise_signal(signal.SIGINT)
+            events.append("block finished")
+    assert events == ["block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

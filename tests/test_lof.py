@@ -48,6 +48,7 @@ def random_vector(rng: np.random.Generator, kind: str, length: int) -> np.ndarra
 KINDS = ["normal", "cauchy", "small_exponential", "integers", "constant", "min_duplicated"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_neighbors", [20, 10, 3])
 def test_matches_sklearn_on_random_batches(n_neighbors):
     """>= 1000 vectors in all (over the three k), lengths 1..600, batched with different valid lengths."""

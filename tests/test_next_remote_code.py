@@ -90,6 +90,7 @@ def repos(tmp_path_factory):
     }
 
 
+@pytest.mark.slow
 def test_next_repos_load_through_remote_code_in_a_fresh_process(repos):
     arguments = [str(item) for name in ("saved", "converted") for item in repos[name]]
     result = run_without_llava_rc(LOADER, arguments, repos["root"], timeout=300)
@@ -112,6 +113,7 @@ def test_next_repos_load_through_remote_code_in_a_fresh_process(repos):
     assert converted["kept_counts"] == [48, 18, 32]
 
 
+@pytest.mark.slow
 def test_converted_next_repo_keeps_the_stock_weights(repos):
     stock_off = torch.load(repos["stock_off"])
     converted = torch.load(repos["converted"][1])

@@ -89,6 +89,7 @@ def test_saved_repo_has_auto_map_and_flat_code(saved_repo: Path):
     assert module_files <= {path.name for path in saved_repo.glob("*.py")}
 
 
+@pytest.mark.slow
 def test_remote_code_round_trip_in_a_fresh_process(saved_repo: Path, tmp_path: Path):
     result = run_without_llava_rc(
         LOADER, [str(saved_repo), str(saved_repo / "reference.pt")], tmp_path, timeout=300
