@@ -24,9 +24,9 @@ PruMerge+ adds sampled patches to the outliers before the merge (``sampling``):
 - ``"raster"`` (default, released): with ``r`` = outliers / N, the raster positions
   ``0, s, 2s, ... < N - 1`` with ``s = floor(floor(1 / r) / 3)`` (computed exactly as ``(N // outliers) // 3``).
   The released code hard-codes 575 for N - 1 and crashes where ``s`` is undefined; here: any N uses N - 1;
-  ``r = 0`` (no outlier) takes the limit ``s = infinity``, i.e. position 0 only; ``r > 1/3`` (only possible for
-  tiny N, since IQR outliers are at most ~25% of the values) gives ``s = 0``, clamped to 1: every position
-  ``< N - 1`` is sampled.
+  ``r = 0`` (no outlier) takes the limit ``s = infinity``, i.e. position 0 only; ``r > 1/3`` would give
+  ``s = 0`` and is clamped to 1 (every position ``< N - 1`` sampled), but IQR outliers never reach it: at most
+  about a quarter of the values lie above Q3.
 - ``"lattice"`` (our variation): the cell centres of a ``round(rows * sqrt(uniform_ratio))`` x
   ``round(cols * sqrt(uniform_ratio))`` lattice on each view's patch grid, about ``uniform_ratio * N`` points,
   uniform in both directions on any grid.
@@ -161,9 +161,10 @@ def compress_prumerge_plus(inputs: CompressionInputs, config: PruMergePlusConfig
     rows * cols == N, or inputs.views. Returns a merging plan (see ``merge_plan``).
     """
     attention = cls_attention(inputs, per_head=config.attention == "per_head")  # (I, N)
-    outliers = iqr_outliers(attention)  # (I, N)
+    strict = strict_iqr_outliers(attention)  # (I, N)
+    outliers = with_top_patch(strict, attention)  # (I, N)
     if config.sampling == "raster":
-        sampled = raster_samples(attention, outliers)  # (I, N)
+        sampled = raster_samples(strict.sum(dim=-1), inputs.num_patches)  # (I, N)
     else:
         lattices = [uniform_lattice(grid, view_size(grid, inputs), config.uniform_ratio, attention.device)
                     for grid in inputs.view_grids]  # one lattice per view, in token order
@@ -239,31 +240,36 @@ def neighbour_weights(source_index: torch.Tensor, attention: torch.Tensor, keys:
 
 
 def iqr_outliers(attention: torch.Tensor) -> torch.Tensor:
-    """(I, N) bool: ``attention > Q3 + 1.5 * IQR`` per image, plus the top patch so that no image keeps nothing.
+    """(I, N) bool: ``attention > Q3 + 1.5 * IQR`` per image, plus the top patch so that no image keeps nothing."""
+    return with_top_patch(strict_iqr_outliers(attention), attention)
 
-    Quartiles use linear interpolation, as numpy's default percentile. The top patch is an outlier whenever any
-    patch is, so adding it only matters for images without outliers (e.g. uniform attention).
-    """
-    return strict_iqr_outliers(attention).scatter(1, attention.argmax(dim=-1, keepdim=True), True)
+
+def with_top_patch(chosen: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """(I, N) bool: ``chosen`` plus each image's top patch by attention (the first maximum: ties to the lower index).
+
+    The top patch is an outlier whenever any patch is, so adding it only matters for images without outliers
+    (e.g. uniform attention)."""
+    return chosen.scatter(1, attention.argmax(dim=-1, keepdim=True), True)
 
 
 def strict_iqr_outliers(attention: torch.Tensor) -> torch.Tensor:
-    """(I, N) bool: ``attention > Q3 + 1.5 * IQR`` per image (possibly none)."""
+    """(I, N) bool: ``attention > Q3 + 1.5 * IQR`` per image (possibly none), quartiles by linear interpolation as
+    numpy's default percentile."""
     quartiles = torch.quantile(attention, attention.new_tensor([0.25, 0.75]), dim=-1, keepdim=True)  # (2, I, 1)
     first, third = quartiles[0], quartiles[1]  # (I, 1) each
     return attention > third + 1.5 * (third - first)  # (I, N)
 
 
-def raster_samples(attention: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
+def raster_samples(outlier_counts: torch.Tensor, num_patches: int) -> torch.Tensor:
     """(I, N) bool: the released PruMerge+ positions ``0, s, 2s, ... < N - 1``, s = ``(N // outliers) // 3``.
 
-    ``outliers`` counts the strict IQR outliers (the always-kept top patch aside): none gives s = infinity
-    (position 0 only); s = 0 (outlier ratio > 1/3) is clamped to 1. See the module docstring.
+    outlier_counts: (I,) long, the strict IQR outliers of each image (the always-kept top patch aside). None gives
+    s = infinity (position 0 only); s = 0 (outlier ratio > 1/3, which IQR outliers cannot reach, at most ~1/4 of
+    the values lying above Q3) is clamped to 1. See the module docstring.
     """
-    num_patches = attention.shape[1]
-    count = strict_iqr_outliers(attention).sum(dim=-1, keepdim=True)  # (I, 1)
-    step = torch.where(count > 0, num_patches // count.clamp(min=1) // 3, num_patches).clamp(min=1)  # (I, 1)
-    positions = torch.arange(num_patches, device=attention.device)  # (N,)
+    counts = outlier_counts.unsqueeze(-1)  # (I, 1)
+    step = torch.where(counts > 0, num_patches // counts.clamp(min=1) // 3, num_patches).clamp(min=1)  # (I, 1)
+    positions = torch.arange(num_patches, device=outlier_counts.device)  # (N,)
     return (positions % step == 0) & (positions < num_patches - 1)  # (I, N)
 
 
