@@ -453,10 +453,18 @@ def test_prumerge_plus_raster_stride_edge_cases():
     ]
 
 
-@pytest.mark.parametrize("name", ["prumerge", "prumerge_plus"])
+NO_SQUARE_TABLE = [
+    ("prumerge", [{}, {"merge": "average"}, {"budget": 0.25}]),
+    ("prumerge_plus", [{}, {"merge": "average"}, {"budget": 0.25}]),
+    ("trsm", [{"merge": "nearest", "budget": 0.25}]),
+]
+
+
+@pytest.mark.parametrize(("name", "all_settings"), NO_SQUARE_TABLE, ids=[row[0] for row in NO_SQUARE_TABLE])
 @pytest.mark.parametrize("num_patches", [64, 144])
-def test_prumerge_never_builds_a_patch_by_patch_table(name, num_patches):
-    """Neighbours are ranked kept x all patches: no intermediate holds N x N entries per image."""
+def test_no_patch_by_patch_table(name, all_settings, num_patches):
+    """PruMerge ranks neighbours kept x all patches, TRSM's merge all x kept: no intermediate holds N x N entries
+    per image."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     shapes = []
@@ -470,7 +478,8 @@ def test_prumerge_never_builds_a_patch_by_patch_table(name, num_patches):
             return out
 
     inputs = make_inputs(num_images=2, grid=(num_patches // 8, 8))
-    for settings in ({}, {"merge": "average"}, {"budget": 0.25}):
+    for settings in all_settings:
+        shapes.clear()
         with RecordShapes():
             plan = plan_for(name, settings, inputs)
         assert plan.source_index.shape[1] < num_patches
