@@ -143,13 +143,17 @@ def plot(result: dict, path: Path) -> None:
             for row in result["rows"]:
                 if row["method"] == method and row["budget"] is None and not row.get("variant"):
                     axis.scatter(row[dataset]["kept_mean"], value(row), marker="*", s=160, color=line.get_color())
-        for label, method, _ in BUDGET_VARIANTS:  # our variants: dashed, in their method's colour
+        styles = [("--", "x"), (":", "v"), ("-.", "s")]
+        for index, (label, method, _) in enumerate(BUDGET_VARIANTS):  # our variants, in their method's colour
+            earlier = sum(other == method for _, other, _ in BUDGET_VARIANTS[:index])
+            linestyle, marker = styles[earlier % len(styles)]
             points = sorted(
                 (row[dataset]["kept_mean"], value(row))
                 for row in result["rows"]
                 if row.get("variant") and row["label"].startswith(label + "@")
             )
-            axis.plot(*zip(*points), marker="x", linestyle="--", color=colours[method], label=f"{label} (variant)")
+            axis.plot(*zip(*points), marker=marker, linestyle=linestyle, color=colours[method],
+                      label=f"{label} (variant)")
         axis.axhline(value(full), color="black", linestyle="--", label="all tokens")
         axis.set_xscale("log")
         axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
