@@ -7,7 +7,7 @@ Writes ``benchmarks/results/accuracy.json`` and ``accuracy.png``; ``--update-rea
 from them (README summary, docs/easyvqa.md, benchmarks/NOTES.md goals); ``--readme-only`` does that from the JSON.
 
     pip install -e ".[bench]"
-    python benchmarks/accuracy.py --update-readme            # ~12 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --update-readme  # ~10 min on 1 CPU thread
     python benchmarks/accuracy.py --questions 200 --mosaics 50  # a quick look
     python benchmarks/accuracy.py --readme-only              # tables only, from the saved JSON
 """
@@ -32,25 +32,49 @@ VISION_ONLY = ("cls_attention", "prumerge", "prumerge_plus")
 UNIQUE_OBJECT = "color_of_unique_shape"
 
 
-def settings_to_run() -> list[tuple[str, str, dict]]:
-    """(label, method, settings): compression off, the adaptive methods, then every method at every budget."""
+# Our variations of the baselines (named options, off by default), measured beside the released defaults.
+ADAPTIVE_VARIANTS = [
+    ("prumerge merge=average (ours before)", "prumerge",
+     {"merge": "average", "attention": "per_head", "extra_token": False}),
+    ("prumerge merge=none", "prumerge", {"merge": "none"}),
+    ("prumerge_plus merge=none", "prumerge_plus", {"merge": "none"}),
+    ("prumerge_plus lattice, merge=average (ours before)", "prumerge_plus",
+     {"sampling": "lattice", "merge": "average", "attention": "per_head", "extra_token": False}),
+]
+BUDGET_VARIANTS = [
+    ("prumerge merge=average", "prumerge", {"merge": "average", "attention": "per_head", "extra_token": False}),
+    ("prumerge no extra token", "prumerge", {"extra_token": False}),
+    ("prumerge merge=none", "prumerge", {"merge": "none"}),
+    ("trsm merge=nearest", "trsm", {"merge": "nearest", "guidance": "clip"}),
+]
+
+
+def settings_to_run() -> list[tuple[str, str, dict, bool]]:
+    """(label, method, settings, variant): compression off, the adaptive methods, every method at every budget
+    (authors' defaults), then our variants (``variant`` True: kept out of the goals and the plot's main lines)."""
     runs = [
-        ("none", "none", {"method": "none"}),
-        ("rc", "rc", {"method": "rc", "guidance": "clip"}),
-        ("rc (vision only)", "rc", {"method": "rc", "guidance": None}),
-        ("prumerge", "prumerge", {"method": "prumerge"}),
-        ("prumerge_plus", "prumerge_plus", {"method": "prumerge_plus"}),
+        ("none", "none", {"method": "none"}, False),
+        ("rc", "rc", {"method": "rc", "guidance": "clip"}, False),
+        ("rc (vision only)", "rc", {"method": "rc", "guidance": None}, False),
+        ("prumerge", "prumerge", {"method": "prumerge"}, False),
+        ("prumerge_plus", "prumerge_plus", {"method": "prumerge_plus"}, False),
     ]
     for budget in BUDGETS:
         for method in METHODS:
             if method == "none":
                 continue
-            runs.append((f"{method}@{budget}", method, {"method": method, "budget": budget, **TEXT_GUIDED.get(method, {})}))
+            settings = {"method": method, "budget": budget, **TEXT_GUIDED.get(method, {})}
+            runs.append((f"{method}@{budget}", method, settings, False))
+    runs += [(label, method, {"method": method, **settings}, True) for label, method, settings in ADAPTIVE_VARIANTS]
+    for budget in BUDGETS:
+        for label, method, settings in BUDGET_VARIANTS:
+            runs.append((f"{label}@{budget}", method, {"method": method, "budget": budget, **settings}, True))
     return runs
 
 
 def goals(rows: list[dict], num_patches: int) -> dict:
     """The issue's goals, checked on the measured rows."""
+    rows = [row for row in rows if not row.get("variant")]
     fixed = [row for row in rows if row["budget"] is not None]
     full = next(row for row in rows if row["method"] == "none")
     checks = {}
@@ -109,16 +133,29 @@ def plot(result: dict, path: Path) -> None:
         def value(row):
             return row[dataset]["accuracy"] if metric == "accuracy" else row[dataset]["per_kind"][metric]
 
+        colours = {}
         for method in [m for m in METHODS if m != "none"]:
             points = sorted(
                 (row[dataset]["kept_mean"], value(row))
                 for row in result["rows"]
-                if row["method"] == method and row["budget"] is not None
+                if row["method"] == method and row["budget"] is not None and not row.get("variant")
             )
             line = axis.plot(*zip(*points), marker="o", label=method)[0]
+            colours[method] = line.get_color()
             for row in result["rows"]:
-                if row["method"] == method and row["budget"] is None:
+                if row["method"] == method and row["budget"] is None and not row.get("variant"):
                     axis.scatter(row[dataset]["kept_mean"], value(row), marker="*", s=160, color=line.get_color())
+        styles = [("--", "x"), (":", "v"), ("-.", "s")]
+        for index, (label, method, _) in enumerate(BUDGET_VARIANTS):  # our variants, in their method's colour
+            earlier = sum(other == method for _, other, _ in BUDGET_VARIANTS[:index])
+            linestyle, marker = styles[earlier % len(styles)]
+            points = sorted(
+                (row[dataset]["kept_mean"], value(row))
+                for row in result["rows"]
+                if row.get("variant") and row["label"].startswith(label + "@")
+            )
+            axis.plot(*zip(*points), marker=marker, linestyle=linestyle, color=colours[method],
+                      label=f"{label} (variant)")
         axis.axhline(value(full), color="black", linestyle="--", label="all tokens")
         axis.set_xscale("log")
         axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -228,9 +265,10 @@ def main() -> None:
         "mosaic_test": easyvqa.prepare_batches(processor, mosaics, mosaic_examples, args.batch_size),
     }
     rows = []
-    for label, method, settings in settings_to_run():
+    for label, method, settings, variant in settings_to_run():
         started = time.perf_counter()
-        row = {"label": label, "method": method, "budget": settings.get("budget"), "settings": settings}
+        row = {"label": label, "method": method, "budget": settings.get("budget"), "settings": settings,
+               "variant": variant}
         for name, batches in datasets.items():
             row[name] = easyvqa.evaluate(model, processor, batches, settings)
         row["seconds"] = time.perf_counter() - started

@@ -313,7 +313,9 @@ class CompressedGenerationMixin:
         num_layers = self.config.vision_config.num_hidden_layers
         requested = getattr(settings, "cls_attention_layer", None)
         if requested is None:
-            return min(feature_layer % (num_layers + 1), num_layers - 1)
+            consuming = feature_layer % (num_layers + 1)  # hidden_states[l] is layer l's input
+            producing = getattr(settings, "attention_layer", "consuming") == "producing"
+            return min(max(consuming - producing, 0), num_layers - 1)
         if -num_layers <= requested < num_layers:
             return requested % num_layers
         raise ValueError(
@@ -329,8 +331,9 @@ class CompressedGenerationMixin:
 
         Layer ``l`` of the encoder reads ``hidden_states[l]``; by default the attention layer is the one that reads
         the feature layer's output (for LLaVA's -2, the last layer), or the last layer when the features are the
-        final output. The layer's own pre-norm and q/k projections are applied, so no hooks and no
-        ``output_attentions`` are needed and SDPA/FlashAttention stay on.
+        final output; a method whose settings say ``attention_layer="producing"`` (FasterVLM) reads the layer that
+        produces it instead (for -2, the one before the last). The layer's own pre-norm and q/k projections are
+        applied, so no hooks and no ``output_attentions`` are needed and SDPA/FlashAttention stay on.
         """
         tower = self.model.vision_tower
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)

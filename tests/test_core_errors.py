@@ -40,7 +40,10 @@ def test_pixel_values_without_image_tokens(model):
         ({"method": "cls_attention", "budget": 0}, r"budget as a token count must be >= 1, got 0"),
         ({"method": "cls_attention", "budget": 1.5}, r"budget as a ratio must be in \(0, 1\], got 1.5"),
         ({"method": "cls_attention", "budget": "all"}, r"budget must be an int .* got 'all'"),
-        ({"method": "cls_attention", "keep": 3}, r"unknown setting\(s\) \['keep'\] .* allowed: \['budget'"),
+        (
+            {"method": "cls_attention", "keep": 3},
+            r"unknown setting\(s\) \['keep'\] .* allowed: \['attention_layer', 'budget'",
+        ),
         ({"method": "tome"}, r"unknown compression method 'tome'; expected one of \[.*'cls_attention'"),
         ("cls_attention", r"compression must be a dict"),
     ],

@@ -56,13 +56,15 @@ def test_keeping_everything_matches_stock():
 
 
 def kept_without_newlines(settings: dict, image_sizes) -> list[int]:
-    """The documented count: resolve_budget(budget, M) over base + grid; G-Prune per graph (ratio) or split (int)."""
+    """The documented count: resolve_budget(budget, M) over base + grid; G-Prune and cls_attention (FasterVLM's
+    per-crop budget, per view) per view (ratio) or split by view size (int, which sums to the same count)."""
     counts = anyres_token_counts(LlavaNextConfig(**tiny_next_config_dict()), image_sizes)
     expected = []
     for base, grid, _ in counts.tolist():
         budget = settings.get("budget")
-        if settings["method"] == "gprune":
-            budget = settings.get("keep_ratio", 0.5) if budget is None else budget
+        if settings["method"] in ("gprune", "cls_attention"):
+            if settings["method"] == "gprune":
+                budget = settings.get("keep_ratio", 0.5) if budget is None else budget
             if isinstance(budget, float):
                 expected.append(resolve_budget(budget, base) + resolve_budget(budget, grid))
                 continue

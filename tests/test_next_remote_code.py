@@ -109,7 +109,8 @@ def test_next_repos_load_through_remote_code_in_a_fresh_process(repos):
     assert saved["compression"]["keep_ratio"] == 0.25
     # base 16 + grid 64 -> 4 + 16 kept + 8 newlines; 16 + 16 -> 4 + 4 + 2; 16 + 32 -> 4 + 8 + 8
     assert saved["kept_counts"] == [28, 10, 20]
-    assert converted["compression"] == {"method": "cls_attention", "budget": 0.5, "cls_attention_layer": None}
+    assert converted["compression"] == {"method": "cls_attention", "budget": 0.5, "attention_layer": "producing",
+                                       "budget_scope": "view", "cls_attention_layer": None}
     assert converted["kept_counts"] == [48, 18, 32]
 
 
