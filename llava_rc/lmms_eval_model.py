@@ -4,7 +4,7 @@ Registered through the ``lmms_eval.models`` entry point (``pyproject.toml``), so
 
     python -m lmms_eval --model llava_rc \
         --model_args 'pretrained=REPO,compression={"method":"rc","budget":64}' \
-        --tasks gqa --batch_size 8 --log_samples --output_path results/
+        --tasks gqa --batch_size 2 --log_samples --output_path results/
 
 Imported only by lmms-eval, never by the model code. One class, one job: turn lmms-eval requests into batched
 ``generate()`` calls (processor chat template, left padding, the task's generation kwargs, several images per
@@ -25,7 +25,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from lmms_eval import utils
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
 IMAGE_MARKER = "<image>"  # where a task's prompt places an image; images without a marker go first
 
@@ -113,17 +112,20 @@ class LlavaRC(lmms):
         trust_remote_code: bool = True,
         compression: str | dict | None = None,
         max_new_tokens: int = 1024,
+        max_batch_size: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
-        unknown = {key: value for key, value in kwargs.items() if key != "max_batch_size" or value is not None}
-        if unknown:
+        if kwargs:
             raise ValueError(
-                f"unknown llava_rc model_args {sorted(unknown)}; expected pretrained, revision, dtype, device_map, "
+                f"unknown llava_rc model_args {sorted(kwargs)}; expected pretrained, revision, dtype, device_map, "
                 "attn_implementation, trust_remote_code, compression, max_new_tokens"
             )
-        if str(batch_size).startswith("auto") or int(batch_size) < 1:
-            raise ValueError(f"llava_rc needs --batch_size N with N >= 1, got {batch_size!r}")
+        if not str(batch_size).isdigit() or int(batch_size) < 1 or max_batch_size is not None:
+            raise ValueError(
+                f"llava_rc needs --batch_size N with N >= 1 (no automatic batch size), got batch_size={batch_size!r}, "
+                f"max_batch_size={max_batch_size!r}"
+            )
         if dtype != "auto" and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise ValueError(f"dtype must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}")
         self.compression = parse_compression_arg(compression)
@@ -160,7 +162,9 @@ class LlavaRC(lmms):
             self._model = accelerator.prepare_model(self._model, evaluation_mode=True)
             self._rank = accelerator.local_process_index
             self._world_size = accelerator.num_processes
-        elif not device_map:
+        elif device_map:
+            self._device = self._model.device  # inputs go where the first layers are
+        else:
             self._model.to(self._device)
         self.accelerator = accelerator
         self.pretrained = pretrained
@@ -227,6 +231,9 @@ class LlavaRC(lmms):
         return text_tokens + kept_per_sample
 
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        # Imported here: importing lmms_eval.models loads the entry points, this module among them.
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
         tokenizer = self.processor.tokenizer
         # Longest prompts first (memory errors show at once); one batch shares one generation setting.
         collator = utils.Collator([request.args for request in requests], lambda args: (-len(args[0]), args[0]),
@@ -261,8 +268,9 @@ class LlavaRC(lmms):
             lm_tokens = self.language_model_tokens(inputs, getattr(output, "compression", None),
                                                    [len(sample) for sample in visuals]).tolist()
             # Generated tokens up to and including the first end-of-sequence token.
-            finished = torch.isin(new_tokens, torch.tensor(self.model.generation_config.eos_token_id or [],
-                                                           device=new_tokens.device).flatten())
+            end_ids = self.model.generation_config.eos_token_id
+            end_ids = [] if end_ids is None else [end_ids] if isinstance(end_ids, int) else list(end_ids)
+            finished = torch.isin(new_tokens, torch.tensor(end_ids, dtype=torch.long, device=new_tokens.device))
             first_end = torch.where(finished.any(dim=1), finished.int().argmax(dim=1) + 1, new_tokens.shape[1])
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for text, read, written in zip(texts, lm_tokens, first_end.tolist()):

@@ -45,6 +45,13 @@ def documented_command() -> str:
     return commands[0].strip()
 
 
+def test_the_entry_point_registers_llava_rc():
+    """Installed metadata names the model; this module was imported first, so a circular import would show here."""
+    from lmms_eval.models import get_model
+
+    assert get_model("llava_rc") is LlavaRC
+
+
 def test_compression_arg_parsing():
     assert parse_compression_arg(None) is None
     assert parse_compression_arg("none") == {"method": "none"}
