@@ -172,16 +172,22 @@ class LlavaRC(lmms):
         self.default_max_new_tokens = int(max_new_tokens)
 
     def _check_compression(self, pretrained: str) -> None:
-        """Fail before any request when the compression setting cannot apply to this repo."""
-        settings = getattr(self.model, "compression_settings", None)
+        """Fail before any request when the compression setting cannot apply to this repo.
+
+        A stock repo (no ``compression_settings``) is its own baseline: ``none`` runs it, and generate() is then
+        called without the ``compression`` argument it does not know.
+        """
+        settings = getattr(self._model, "compression_settings", None)
         if settings is not None:
             settings(self.compression)  # the repo's own validation: unknown method, key or value -> ValueError
-        elif self.compression not in (None, {"method": "none"}):
+            return
+        if self.compression not in (None, {"method": "none"}):
             raise ValueError(
                 f"compression={self.compression!r} needs an LLaVA-RC repo; {pretrained} "
-                f"({self.model.config.model_type}) has no compression: use compression=none or convert it "
+                f"({self._model.config.model_type}) has no compression: use compression=none or convert it "
                 "with llava-rc-upload"
             )
+        self.compression = None
 
     @property
     def model(self):

@@ -127,6 +127,27 @@ def test_batches_with_several_images_per_sample_answer_as_alone(compression):
         assert read[1] < PATCHES  # two compressed images read fewer tokens than one full one
 
 
+def test_a_stock_llava_repo_gives_the_baseline_row_of_its_rc_twin(tmp_path):
+    """Same weights saved as a stock LLaVA repo and as an LLaVA-RC repo: compression=none answers and counts alike."""
+    from tiny import NUM_PATCHES, random_image, stock_twin, tiny_processor, tiny_rc_model
+
+    rc_model = tiny_rc_model()
+    for name, model in (("rc", rc_model), ("stock", stock_twin(rc_model))):
+        model.save_pretrained(tmp_path / name)
+        tiny_processor().save_pretrained(tmp_path / name)
+    docs = [{"question": "what shape is this?", "images": [random_image(seed)]} for seed in range(3)]
+    gen_kwargs = {"max_new_tokens": 5, "temperature": 0}
+    rows = {}
+    for name in ("rc", "stock"):
+        lmms = LlavaRC(pretrained=str(tmp_path / name), compression="none", batch_size=2, device="cpu")
+        rows[name] = [(result.text, result.token_counts) for result in
+                      lmms.generate_until(requests_for(lmms, docs, gen_kwargs))]
+    assert rows["rc"] == rows["stock"]
+    assert all(counts.input_tokens > NUM_PATCHES for _, counts in rows["stock"])
+    with pytest.raises(ValueError, match="needs an LLaVA-RC repo"):
+        LlavaRC(pretrained=str(tmp_path / "stock"), compression="rc", device="cpu")
+
+
 @pytest.fixture(scope="module")
 def lmms_eval_runs(tmp_path_factory):
     """Results JSON of the documented command, run on the shipped model with compression none and as configured."""
