@@ -275,7 +275,8 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     candidate_row = torch.where(is_candidate, centre_slot_row.unsqueeze(-1), spare_row)  # (I, C, M)
     flat_index = candidate_row * num_patches + candidates  # (I, C, M) into the (K + 1) * N flattened weights
     candidate_weight = attention.gather(1, candidates.flatten(1)).view_as(candidates) * is_candidate  # (I, C, M)
-    merge_weights.view(num_images, -1).scatter_add_(1, flat_index.flatten(1), candidate_weight.flatten(1))
+    flat_weights = merge_weights.view(num_images, (max_count + 1) * num_patches)  # (I, (K + 1) * N)
+    flat_weights.scatter_add_(1, flat_index.flatten(1), candidate_weight.flatten(1))
 
     source_row = torch.where(kept | centre, row, spare_row)  # (I, N)
     source_index = torch.full((num_images, max_count + 1), -1, dtype=torch.long, device=device)
