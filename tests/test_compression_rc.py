@@ -424,3 +424,13 @@ def test_text_scale_dim():
     released_constant = compress_rc(inputs, RCConfig(text_scale_dim=768))
     assert torch.equal(default.source_index, released_constant.source_index)  # LOF and rankings are scale-free
     assert not torch.equal(default.merge_weights, released_constant.merge_weights)
+
+
+def test_fixed_budget_path_compiles_without_graph_break():
+    """With a budget the step has no host sync, so it traces as one graph (a GPU can capture it)."""
+    inputs = random_inputs(2, 64, seed=2)
+    config = RCConfig(budget=16)
+    compiled = torch.compile(lambda batch: compress_rc(batch, config), fullgraph=True, backend="eager")
+    plan, expected = compiled(inputs), compress_rc(inputs, config)
+    assert torch.equal(plan.source_index, expected.source_index)
+    assert torch.equal(plan.merge_weights, expected.merge_weights)
