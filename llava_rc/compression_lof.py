@@ -29,8 +29,8 @@ k-distance ``d`` is the k-th smallest candidate distance; every candidate closer
 remaining ``m`` slots go to the values at distance exactly ``d``: copies of ``x - d`` on the left and of ``x + d``
 on the right. Copies of one value are interchangeable (same distance, k-distance and density), so only how many
 slots each side gets matters; as in the stable top-k over all values, they go to the ``m`` lowest sample indices of
-the two runs of copies (a searchsorted of one run's sorted indices in the other's). The neighbours are then ranked in the
-same (distance, sample index) order as that top-k and the sums taken in that order, so the scores are the same
+the two runs of copies (a searchsorted of one run's sorted indices in the other's). The neighbours are then ranked
+in the same (distance, sample index) order as that top-k and the sums taken in that order, so the scores are the same
 float32 numbers and the decisions the same. One exception: distinct values at one float32 distance from ``x``
 (possible only when ``x`` exceeds their gap 2^24-fold, e.g. attention of 1e-3 next to values of 1e-12) are not
 interchangeable; among them the window takes the nearest in sorted order, the (N, N) top-k took the lowest sample

@@ -322,7 +322,8 @@ def dense_compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     candidate_scores = keys @ keys.transpose(1, 2)  # (I, N, N)
     if text is not None:
         scores, has_text = text
-        candidate_scores = candidate_scores + (config.text_weight * scores.where(has_text.unsqueeze(-1), 0.0)).unsqueeze(1)
+        text_term = config.text_weight * scores.where(has_text.unsqueeze(-1), 0.0)
+        candidate_scores = candidate_scores + text_term.unsqueeze(1)
     candidate_scores = candidate_scores.masked_fill(~absorbed.unsqueeze(1), float("-inf"))
     candidates = stable_topk_indices(candidate_scores, min(config.merge_neighbors, num_patches), largest=True)
     is_candidate = absorbed.gather(1, candidates.flatten(1)).view_as(candidates) & centre.unsqueeze(-1)
@@ -344,7 +345,9 @@ def dense_compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     )
     source_index = torch.full((num_images, max_count + 1), -1, dtype=torch.long)
     source_index.scatter_(1, torch.where(kept | centre, row, max_count), torch.arange(num_patches).expand_as(row))
-    return TokenPlan(source_index=source_index[:, :max_count], counts=counts, merge_weights=merge_weights[:, :max_count])
+    return TokenPlan(
+        source_index=source_index[:, :max_count], counts=counts, merge_weights=merge_weights[:, :max_count]
+    )
 
 
 @pytest.mark.parametrize("num_images, num_patches, width", [(1, 576, 16), (8, 576, 8), (2, 1152, 8), (3, 100, 32)])
