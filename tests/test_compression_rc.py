@@ -259,6 +259,7 @@ def test_bfloat16_inputs():
         {"cls_attention_layer": "last"},
         {"budget": 0},
         {"budget": 1.5},
+        {"budget": float("nan")},
         {"budget": True},
     ],
 )
