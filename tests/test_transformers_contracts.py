@@ -23,7 +23,9 @@ SETTINGS = {
     "adaptive": {"method": "rc", "lof_neighbors_visual": 3, "lof_neighbors_text": 3, "lof_neighbors_merge": 3},
 }
 GREEDY = {"max_new_tokens": 3, "do_sample": False}
-# A continuation feeds the new tokens back as input_ids: a random tiny model must not generate image placeholders.
+# A continuation feeds the new tokens back as input_ids: a random tiny model must generate neither image placeholders
+# nor the end of sequence (a finished row would be padded in one long call but continued in two): min_new_tokens
+# equal to max_new_tokens suppresses the end of sequence in every call.
 CONTINUABLE = {"do_sample": False, "bad_words_ids": [[IMAGE_TOKEN_ID]]}
 
 
@@ -106,29 +108,29 @@ def test_save_load_and_cache_vs_no_cache(family, name, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_continuing_from_a_compressed_cache_is_refused_and_without_it_works(family):
     model, batch, _ = family_model_and_batch(family, SETTINGS["budget"])
-    out = model.generate(**batch, **CONTINUABLE, max_new_tokens=3, return_dict_in_generate=True)
+    out = model.generate(**batch, **CONTINUABLE, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
     assert getattr(out.past_key_values, COMPRESSED_CACHE_FLAG)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, batch["input_ids"].shape[1]:])], 1)
     with pytest.raises(ValueError, match=r"compressed prompt.*without the cache"):
         model.generate(input_ids=out.sequences, attention_mask=mask, past_key_values=out.past_key_values, **GREEDY)
     images = {key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask")}
-    continued = model.generate(input_ids=out.sequences, attention_mask=mask, **images, **CONTINUABLE, max_new_tokens=3)
-    longer = model.generate(**batch, **CONTINUABLE, max_new_tokens=6)
+    continued = model.generate(input_ids=out.sequences, attention_mask=mask, **images, **CONTINUABLE, max_new_tokens=3, min_new_tokens=3)
+    longer = model.generate(**batch, **CONTINUABLE, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(continued, longer)  # greedy: continuing 3 + 3 tokens equals 6 in one call
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_continuing_a_none_generation_from_its_cache_works(family):
     model, batch, _ = family_model_and_batch(family, SETTINGS["none"])
-    out = model.generate(**batch, **CONTINUABLE, max_new_tokens=3, return_dict_in_generate=True)
+    out = model.generate(**batch, **CONTINUABLE, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True)
     assert out.compression is None
     mask = torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, batch["input_ids"].shape[1]:])], 1)
     # As with stock LLaVA, the images are in the cache already: continue with the ids and the cache alone.
     continued = model.generate(
         input_ids=out.sequences, attention_mask=mask, past_key_values=out.past_key_values,
-        **CONTINUABLE, max_new_tokens=3,
+        **CONTINUABLE, max_new_tokens=3, min_new_tokens=3,
     )
-    assert torch.equal(continued, model.generate(**batch, **CONTINUABLE, max_new_tokens=6))
+    assert torch.equal(continued, model.generate(**batch, **CONTINUABLE, max_new_tokens=6, min_new_tokens=6))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -18,6 +18,7 @@ PATCH_SIZE = 7
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
 IMAGE_TOKEN_ID = 3
 PAD_TOKEN_ID = 0
+EOS_TOKEN_ID = 2
 INIT_RANGE = 0.3
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
@@ -59,7 +60,7 @@ def tiny_config_dict(**overrides) -> dict:
         initializer_range=INIT_RANGE,
         pad_token_id=PAD_TOKEN_ID,
         bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=EOS_TOKEN_ID,
     )
     config = dict(
         vision_config=vision,
