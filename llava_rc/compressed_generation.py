@@ -877,8 +877,9 @@ class CompressedGenerationMixin:
         if pixel_values is None or settings.method == "none":
             for name in GUIDANCE_INPUTS:
                 kwargs.pop(name, None)
-            if pixel_values is not None:
-                # forward() sees the per-call settings too, so a "none" override stays off in the prefill.
+            if settings.method == "none":
+                # forward() sees the per-call settings too, so a "none" override stays off in the prefill (and for
+                # inputs the model refuses to compress, such as OneVision's videos).
                 kwargs["compression"] = {"method": "none"}
             outputs = super().generate(input_ids, **kwargs)
             if not isinstance(outputs, torch.Tensor):

@@ -44,9 +44,10 @@ from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalG
 from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from .compressed_generation import (
-    GUIDANCE_INPUTS,
     NEWLINE,
     CompressedGenerationMixin,
     CompressionReport,
@@ -394,11 +395,11 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
         return super()._plan_tokens(signals, plan, pack, settings)
 
     # ---- forward / generate: the stock OneVision inputs ------------------------------------------------------
-    def _refuse_video(self, settings, pixel_values_videos) -> None:
-        if pixel_values_videos is not None and settings.method != "none":
+    def _refuse_video(self, method: str | None, pixel_values_videos) -> None:
+        if pixel_values_videos is not None and method != "none":
             raise ValueError(
-                f"video input (pixel_values_videos) is not compressed, but compression is on "
-                f"({settings.to_dict()}); pass compression={{'method': 'none'}} for video prompts"
+                f"video input (pixel_values_videos) is not compressed, but compression is on (method {method!r}); "
+                "pass compression={'method': 'none'} for video prompts"
             )
 
     def forward(
@@ -422,18 +423,19 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
         guidance_mask: torch.Tensor | None = None,
         guidance_input_ids: torch.Tensor | None = None,
         guidance_attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         r"""
         Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first
         (see ``CompressedGenerationMixin.forward``). ``pixel_values_videos`` with compression on raise a ValueError.
+        Without images, or with ``"none"``, nothing is parsed: the stock call.
 
         compression (`dict`, *optional*): settings for this call only; defaults to ``config.compression``.
         """
-        settings = self.compression_settings(compression)
-        self._refuse_video(settings, pixel_values_videos)
+        method = self._compression_method(compression)
+        self._refuse_video(method, pixel_values_videos)
         stock_inputs = {}
-        if pixel_values is not None and settings.method != "none":
+        if pixel_values is not None and method != "none":
             image_sizes = self.image_geometry(image_sizes, batch_num_images, vision_aspect_ratio)
         else:
             stock_inputs = dict(
@@ -454,7 +456,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
             labels=labels,
             logits_to_keep=logits_to_keep,
             image_sizes=image_sizes,
-            compression=settings,
+            compression=compression,
             guidance_mask=guidance_mask,
             guidance_input_ids=guidance_input_ids,
             guidance_attention_mask=guidance_attention_mask,
@@ -468,15 +470,9 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
         ``vision_aspect_ratio``); compression off (or a text-only / video call with it off) is the stock generate.
         ``pixel_values_videos`` with compression on raise a ValueError."""
         settings = self.compression_settings(compression)
-        self._refuse_video(settings, kwargs.get("pixel_values_videos"))
-        if settings.method == "none" or kwargs.get("pixel_values") is None:
-            for name in GUIDANCE_INPUTS:
-                kwargs.pop(name, None)
-            # forward() sees the per-call settings, so a "none" override stays off in the prefill.
-            return LlavaOnevisionForConditionalGeneration.generate(
-                self, inputs, compression=settings.to_dict(), **kwargs
+        self._refuse_video(settings.method, kwargs.get("pixel_values_videos"))
+        if settings.method != "none" and kwargs.get("pixel_values") is not None:
+            kwargs["image_sizes"] = self.image_geometry(
+                kwargs.get("image_sizes"), kwargs.pop("batch_num_images", None), kwargs.pop("vision_aspect_ratio", None)
             )
-        kwargs["image_sizes"] = self.image_geometry(
-            kwargs.get("image_sizes"), kwargs.pop("batch_num_images", None), kwargs.pop("vision_aspect_ratio", None)
-        )
         return super().generate(inputs, compression=settings, **kwargs)

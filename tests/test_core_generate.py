@@ -152,14 +152,16 @@ def test_vision_tower_runs_once_per_generate_call():
     assert len(calls) == 1
 
 
-def test_kept_tokens_are_the_top_cls_attention_patches():
-    model = tiny_rc_model({"method": "cls_attention", "budget": 6})
+@pytest.mark.parametrize("attention_layer, layer_index", [("producing", -2), ("consuming", -1)])
+def test_kept_tokens_are_the_top_cls_attention_patches(attention_layer, layer_index):
+    """FasterVLM reads the layer that produces LLaVA's feature layer (-2); "consuming" reads the one that reads it."""
+    model = tiny_rc_model({"method": "cls_attention", "budget": 6, "attention_layer": attention_layer})
     batch = make_batch([4], [1], seed=9)
     report = model.generate(**batch, return_dict_in_generate=True, **GREEDY).compression
     with torch.no_grad():
         hidden = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
-        layer = model.model.vision_tower.encoder.layers[-1]  # reads hidden_states[-2], LLaVA's feature layer
-        normed = layer.layer_norm1(hidden[-2])
+        layer = model.model.vision_tower.encoder.layers[layer_index]  # reads hidden_states[layer_index - 1]
+        normed = layer.layer_norm1(hidden[layer_index - 1])
         heads = layer.self_attn.num_heads
         q = layer.self_attn.q_proj(normed).view(1, -1, heads, 8).transpose(1, 2)
         k = layer.self_attn.k_proj(normed).view(1, -1, heads, 8).transpose(1, 2)

@@ -99,7 +99,8 @@ def test_a_kept_token_is_the_stock_token_also_in_a_downsampled_grid(method):
 
 
 def test_cls_methods_rank_by_received_attention_recomputed_like_the_eager_tower():
-    model = tiny_onevision_model({"method": "cls_attention", "budget": 5})
+    # One ranking over the whole image (not FasterVLM's per-view share), so the kept set is the top 5 of the scores.
+    model = tiny_onevision_model({"method": "cls_attention", "budget": 5, "budget_scope": "image"})
     batch = make_onevision_batch([4, 4], [[(28, 28)], [(60, 30)]], seed=4)
     geometry = model.image_geometry(batch["image_sizes"], batch["batch_num_images"])
     crops, _ = model._image_crops(batch["pixel_values"], geometry)
@@ -141,7 +142,10 @@ def kept_without_newlines(settings: dict, layouts) -> list[int]:
     for layout in layouts:
         sizes = [rows * cols for rows, cols in layout.views]
         budget = settings.get("budget")
-        if settings["method"] == "gprune":
+        per_view = settings["method"] == "gprune" or (
+            settings["method"] == "cls_attention" and settings.get("budget_scope", "view") == "view"
+        )  # G-Prune's graph per view, FasterVLM's per-crop share per view
+        if per_view:
             budget = 0.5 if budget is None else budget
             if isinstance(budget, float):
                 expected.append(sum(resolve_budget(budget, size) for size in sizes))

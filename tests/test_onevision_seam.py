@@ -8,7 +8,9 @@ from tiny_next import make_next_batch, tiny_next_model
 
 
 def test_received_attention_on_a_clip_tower_matches_its_eager_attention_without_the_cls_column():
-    model = tiny_rc_model({"method": "cls_attention", "budget": 5}, importance_score="received_attention")
+    model = tiny_rc_model(
+        {"method": "cls_attention", "budget": 5, "attention_layer": "consuming"}, importance_score="received_attention"
+    )
     batch = make_batch([4, 5], [1, 1], seed=1)
     tower = model.model.vision_tower
     tower.config._attn_implementation = "eager"
