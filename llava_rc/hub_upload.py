@@ -618,8 +618,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.base!r} is {base_config.model_type!r}: leave --clip out ('llm' guidance)"
             )
         check_clip_config(args.clip, base_config)
-    with sigterm_like_sigint():
-        convert(args, compression, base_config.model_type, destination)
+    try:
+        with sigterm_like_sigint():
+            convert(args, compression, base_config.model_type, destination)
+    except KeyboardInterrupt:
+        # convert() has cleaned up on the way out; 130 is the shell's code for an interrupted command, whatever
+        # signal disposition this process inherited.
+        print("llava-rc-upload: interrupted; --output-dir holds the old repo or the new one, complete", file=sys.stderr)
+        return 130
     print(f"done: {destination or args.repo_id}", file=sys.stderr)
     return 0
 

@@ -65,6 +65,7 @@ import importlib.metadata
 import json
 import math
 import random
+import re
 import shutil
 import time
 from collections import Counter
@@ -778,14 +779,34 @@ easy-VQA by Victor Zhou (https://github.com/vzhou842/easy-VQA), MIT licence (`LI
 
 
 def refresh_code(checkpoint: Path) -> None:
-    """Copy the package's model code over the code files a checkpoint carries (the ones save_pretrained wrote)."""
+    """Copy the package's model code into a checkpoint: every file that its entry files import, transitively.
+
+    The entry files are the ones ``auto_map`` names (configuration, modeling, processing); a sibling they import
+    (``from .x import y``) must travel too, or loading the checkpoint through remote code fails.
+    """
     package = Path(__file__).resolve().parent
-    code_files = sorted(checkpoint.glob("*.py"))
-    if not code_files:
+    if not sorted(checkpoint.glob("*.py")):
         raise ValueError(f"{checkpoint} holds no code files; expected a checkpoint written by save_pretrained")
-    for path in code_files:
-        shutil.copyfile(package / path.name, path)
+    code_files = remote_code_files(package)
+    for name in code_files:
+        shutil.copyfile(package / name, checkpoint / name)
     logger.warning(f"refreshed {len(code_files)} code files in {checkpoint}")
+
+
+REMOTE_CODE_ENTRIES = ("configuration_llava_rc.py", "modeling_llava_rc.py", "processing_llava_rc.py")
+
+
+def remote_code_files(package: Path) -> list[str]:
+    """The package files a remote-code checkpoint needs: the entry files and their relative imports, transitively."""
+    needed, pending = set(), list(REMOTE_CODE_ENTRIES)
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        for module in re.findall(r"^from \.(\w+) import", (package / name).read_text(), flags=re.MULTILINE):
+            pending.append(f"{module}.py")
+    return sorted(needed)
 
 
 def write_package_notes(output_dir: Path) -> None:

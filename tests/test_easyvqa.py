@@ -23,6 +23,7 @@ from llava_rc.train_easyvqa import (
     new_model,
     packed_batch,
     qa_blocks,
+    remote_code_files,
     train_language_model,
 )
 
@@ -258,6 +259,9 @@ def shipped():
 def test_shipped_checkpoint_carries_the_package_code_and_attribution():
     code_files = sorted(path.name for path in CHECKPOINT.glob("*.py"))
     assert "modeling_llava_rc.py" in code_files
+    refresh = f"python -m llava_rc.train_easyvqa --refresh-code --output-dir {CHECKPOINT}"
+    missing = sorted(set(remote_code_files(PACKAGE)) - set(code_files))
+    assert not missing, f"the checkpoint lacks {missing}, which its code imports: {refresh}"
     for name in code_files:
         assert (CHECKPOINT / name).read_text() == (PACKAGE / name).read_text(), f"{name} is stale: python -m llava_rc.train_easyvqa --refresh-code --output-dir {CHECKPOINT}"
     config = json.loads((CHECKPOINT / "config.json").read_text())

@@ -71,7 +71,11 @@ def start(case_dir: Path, base: Path, logs: Path, pause: str | None, repo_id: st
         command += ["--repo-id", repo_id]
     log_path = logs / f"{case_dir.name}.log"
     with open(log_path, "w") as log:  # the child holds its own copy of the file
-        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=case_dir)
+        # A runner started in the background inherits SIGINT ignored; the tool must see it as a user would.
+        process = subprocess.Popen(
+            command, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=case_dir,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     return process, log_path
 
 

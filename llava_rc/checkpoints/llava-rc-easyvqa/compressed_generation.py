@@ -25,8 +25,15 @@ images of different sizes) are compressed in one call per shape: the documented 
 length (silently wrong). The caller's ``input_ids`` are put back in front of the new tokens afterwards.
 ``forward(labels=...)`` runs the same pre-pass for fine-tuning and returns the rebuilt labels and mask.
 
-A model class provides three hooks: ``_image_crops`` (pixel values -> crops), ``_image_token_layouts`` (crop
-tokens -> each image's placeholder run) and ``_image_newline`` (the newline embedding, or None).
+A model class provides the family seam as hooks (docs/design.md):
+
+- encode: ``_image_crops`` (pixel values -> crops), ``_num_prefix_tokens`` (tokens before the patches: 1 for a
+  [CLS], 0 for SigLIP) and ``_crop_importance`` (per crop token: the importance score, [CLS] attention or the mean
+  attention received (``config.importance_score``), and the keys);
+- layout: ``_image_token_layouts`` (crop tokens -> each image's placeholder run), ``_image_newline`` (the newline
+  embedding, or None), ``_signal_packer`` (how a per-crop-token signal is put in reading order; a gather by
+  default, the stock packing where tokens are blends of patches) and ``_plan_tokens`` (the tokens of a plan);
+- positions: ``_position_ids`` (the 1-D renumbering over the rebuilt mask by default).
 """
 
 from dataclasses import dataclass
@@ -43,6 +50,7 @@ from .compression_common import CompressionInputs, MethodConfig, TokenPlan, appl
 from .compression_registry import method_function, update_compression
 from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
 from .sequence_packing import packed_width
+from .vision_importance import importance_score_kind, received_attention
 
 logger = logging.get_logger(__name__)
 
@@ -189,6 +197,32 @@ class CompressedGenerationMixin:
         """(D,) the embedding of a newline token, or None when layouts have none."""
         return None
 
+    def _num_prefix_tokens(self) -> int:
+        """Tokens before the patches in the vision tower's output: 1 for a [CLS] (CLIP), 0 for none (SigLIP)."""
+        return 1
+
+    def _signal_packer(self, layouts: list[ImageLayout], device: torch.device):
+        """A function from a per-crop-token signal (P, N, ...) to (I_g, M, ...): each image's non-newline tokens in
+        reading order, for images of one layout shape. Default: gather by ``token_index``."""
+        is_token = layouts[0].token_index != NEWLINE  # (T,) the same for every image of the group
+        index = host_to_device(torch.stack([layout.token_index[is_token] for layout in layouts]), device)  # (I_g, M)
+
+        def gather(per_crop: torch.Tensor | None) -> torch.Tensor | None:
+            """(P, N, ...) per crop token -> (I_g, M, ...) per image token in reading order."""
+            return None if per_crop is None else per_crop.flatten(0, 1)[index]
+
+        return gather
+
+    def _plan_tokens(self, signals: "CropSignals", plan: TokenPlan, pack, settings: MethodConfig) -> torch.Tensor:
+        """(I_g, K, D) the language-model tokens of a plan; pack: the group's ``_signal_packer``."""
+        if settings.stage == "projected":
+            return apply_plan(pack(signals.projected), plan)  # (I_g, K, D)
+        return self.model.multi_modal_projector(apply_plan(pack(signals.features), plan))  # (I_g, K, D)
+
+    def _position_ids(self, packed: PackedSequence) -> torch.Tensor:
+        """Position ids of the rebuilt sequence: the 1-D count over its mask (families with 3-D positions override)."""
+        return packed.position_ids
+
     # ---- settings -------------------------------------------------------------------------------------------
     def compression_settings(self, compression: dict | MethodConfig | None = None) -> MethodConfig:
         """The validated settings for a call: ``config.compression`` updated by the per-call ``compression``.
@@ -279,7 +313,9 @@ class CompressedGenerationMixin:
         num_layers = self.config.vision_config.num_hidden_layers
         requested = getattr(settings, "cls_attention_layer", None)
         if requested is None:
-            return min(feature_layer % (num_layers + 1), num_layers - 1)
+            consuming = feature_layer % (num_layers + 1)  # hidden_states[l] is layer l's input
+            producing = getattr(settings, "attention_layer", "consuming") == "producing"
+            return min(max(consuming - producing, 0), num_layers - 1)
         if -num_layers <= requested < num_layers:
             return requested % num_layers
         raise ValueError(
@@ -287,27 +323,60 @@ class CompressedGenerationMixin:
             f"expected an int in [-{num_layers}, {num_layers - 1}]"
         )
 
-    def _attention_inputs(self, hidden_states: tuple, feature_layer: int, settings: MethodConfig):
-        """[CLS] query (P, A) and keys (P, 1 + N, A) of every crop, recomputed from the stored hidden states.
+    def _attention_inputs(
+        self, hidden_states: tuple, feature_layer: int, settings: MethodConfig, all_queries: bool = False
+    ):
+        """[CLS] query (P, A) (all_queries: every token's, (P, T, A)) and keys (P, T, A) of every crop, T = prefix + N
+        tokens ([CLS] first when the tower has one), recomputed from the stored hidden states.
 
         Layer ``l`` of the encoder reads ``hidden_states[l]``; by default the attention layer is the one that reads
         the feature layer's output (for LLaVA's -2, the last layer), or the last layer when the features are the
-        final output. The layer's own pre-norm and q/k projections are applied, so no hooks and no
-        ``output_attentions`` are needed and SDPA/FlashAttention stay on.
+        final output; a method whose settings say ``attention_layer="producing"`` (FasterVLM) reads the layer that
+        produces it instead (for -2, the one before the last). The layer's own pre-norm and q/k projections are
+        applied, so no hooks and no ``output_attentions`` are needed and SDPA/FlashAttention stay on.
         """
         tower = self.model.vision_tower
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
         if encoder is None or not hasattr(encoder, "layers"):
             raise ValueError(
-                f"{settings.method!r} reads [CLS] attention, which needs a CLIP-style vision tower with an encoder "
-                f"of attention layers; got {type(tower).__name__}"
+                f"{settings.method!r} reads vision attention, which needs a CLIP/SigLIP-style vision tower with an "
+                f"encoder of attention layers; got {type(tower).__name__}"
             )
         layer_index = self._attention_layer_index(feature_layer, settings)
         layer = encoder.layers[layer_index]
-        normed = layer.layer_norm1(hidden_states[layer_index])  # (P, 1 + N, C)
-        query = layer.self_attn.q_proj(normed[:, 0])  # (P, A)
-        keys = layer.self_attn.k_proj(normed)  # (P, 1 + N, A)
+        normed = layer.layer_norm1(hidden_states[layer_index])  # (P, T, C)
+        query = layer.self_attn.q_proj(normed if all_queries else normed[:, 0])  # (P, T, A) or (P, A)
+        keys = layer.self_attn.k_proj(normed)  # (P, T, A)
         return query, keys, layer.self_attn.num_heads
+
+    def _crop_importance(
+        self, hidden_states: tuple, feature_layer: int, settings: MethodConfig
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Per crop token: (importance per head (P, N), importance joint (P, N), keys (P, N, A), num_heads).
+
+        ``config.importance_score`` picks the score: ``"cls_attention"`` (each crop's own [CLS] attention, softmax over
+        that crop) or ``"received_attention"`` (the mean attention each token receives from all tokens of its crop,
+        averaged over queries and heads; for towers without [CLS]); None = [CLS] attention when the tower has a
+        [CLS], else received attention. "per head" softmaxes each head (FasterVLM, PruMerge); "joint" one softmax
+        over all heads concatenated (RC's released code).
+        """
+        prefix = self._num_prefix_tokens()
+        kind = importance_score_kind(getattr(self.config, "importance_score", None), prefix)
+        query, keys, num_heads = self._attention_inputs(
+            hidden_states, feature_layer, settings, all_queries=kind == "received_attention"
+        )
+        if kind == "cls_attention":
+            # Each crop's own [CLS] attention, softmax over that crop ([CLS] + all its N patches).
+            crops = CompressionInputs(  # cls_attention reads only the query and keys
+                features=keys, cls_query=query, attention_keys=keys, num_heads=num_heads
+            )
+            per_head = cls_attention(crops, per_head=True)  # (P, N)
+            joint = cls_attention(crops, per_head=False)  # (P, N)
+        else:
+            sinks = getattr(self.config, "attention_sinks", 0) or 0
+            per_head = received_attention(query, keys, num_heads, per_head=True, num_sinks=sinks)[:, prefix:]
+            joint = received_attention(query, keys, num_heads, per_head=False, num_sinks=sinks)[:, prefix:]
+        return per_head, joint, keys[:, prefix:], num_heads
 
     def _llm_question(
         self,
@@ -391,25 +460,23 @@ class CompressedGenerationMixin:
         crop_image: (P,) the image of each crop; image_row: (I,) the batch row of each image; question: (B, W) the
         question embedding of each row for text-guided methods, else None.
         """
-        features = hidden_states[feature_layer][:, 1:]  # (P, N, C) patch tokens without [CLS]
+        features = hidden_states[feature_layer][:, self._num_prefix_tokens() :]  # (P, N, C) patch tokens only
         signals = CropSignals(features=features)
         guidance = settings.guidance_source
         if settings.stage == "projected" or guidance == "llm":
             signals.projected = self.model.multi_modal_projector(features)  # (P, N, D)
         with torch.no_grad():
             if settings.needs_attention:
-                query, keys, num_heads = self._attention_inputs(hidden_states, feature_layer, settings)
-                # Each crop's own [CLS] attention, softmax over that crop ([CLS] + all its N patches).
-                crops = CompressionInputs(features=features, cls_query=query, attention_keys=keys, num_heads=num_heads)
-                signals.attention_per_head = cls_attention(crops, per_head=True)  # (P, N)
-                signals.attention_joint = cls_attention(crops, per_head=False)  # (P, N)
-                signals.keys, signals.num_heads = keys[:, 1:], num_heads  # (P, N, A)
+                importance = self._crop_importance(hidden_states, feature_layer, settings)
+                signals.attention_per_head, signals.attention_joint, signals.keys, signals.num_heads = importance
             if guidance is not None:
                 if guidance == "llm":
                     patches = signals.projected.detach()  # (P, N, D)
                 else:
                     # CLIP's own image-text space: the final layer's patch tokens, post-norm, visual projection.
-                    final_patches = self.model.vision_tower.post_layernorm(hidden_states[-1][:, 1:])  # (P, N, C)
+                    final_patches = self.model.vision_tower.post_layernorm(
+                        hidden_states[-1][:, self._num_prefix_tokens() :]
+                    )  # (P, N, C)
                     patches = self.guidance_visual_projection(final_patches)  # (P, N, W)
                 crop_question = question.to(patches.device)[image_row.to(patches.device)[crop_image]]  # (P, W)
                 signals.text_scores = torch.nn.functional.cosine_similarity(
@@ -434,12 +501,7 @@ class CompressedGenerationMixin:
         device = signals.features.device
         first = layouts[0]
         is_token = first.token_index != NEWLINE  # (T,) the same for every image of the group
-        index = host_to_device(torch.stack([layout.token_index[is_token] for layout in layouts]), device)  # (I_g, M)
-
-        def gather(per_crop: torch.Tensor | None) -> torch.Tensor | None:
-            """(P, N, ...) per crop token -> (I_g, M, ...) per image token in reading order."""
-            return None if per_crop is None else per_crop.flatten(0, 1)[index]
-
+        gather = self._signal_packer(layouts, device)
         views = first.views
         features = signals.projected if settings.stage == "projected" else signals.features
         inputs = CompressionInputs(
@@ -457,10 +519,7 @@ class CompressedGenerationMixin:
         with torch.no_grad():
             plan: TokenPlan = method_function(settings)(inputs, settings)
         num_patches = inputs.num_patches
-        if settings.stage == "projected":
-            tokens = apply_plan(gather(signals.projected), plan)  # (I_g, K, D)
-        else:
-            tokens = self.model.multi_modal_projector(apply_plan(gather(signals.features), plan))  # (I_g, K, D)
+        tokens = self._plan_tokens(signals, plan, gather, settings)  # (I_g, K, D)
         absorbed = plan.absorbed_for(num_patches)  # (I_g, K, M)
         if bool(is_token.all()):
             return tokens, plan, absorbed
@@ -521,10 +580,11 @@ class CompressedGenerationMixin:
         """
         settings = settings if settings is not None else self.compression_settings()
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        if strategy != "default":
+        expected_strategy = "default" if self._num_prefix_tokens() else "full"
+        if strategy != expected_strategy:
             raise ValueError(
-                f"compression needs vision_feature_select_strategy='default' (patch tokens without [CLS]), "
-                f"got {strategy!r}"
+                f"compression needs vision_feature_select_strategy={expected_strategy!r} (the patch tokens, without "
+                f"[CLS]) for this model, got {strategy!r}"
             )
         feature_layer = self._vision_feature_layer(vision_feature_layer)
         attention_layer = self._attention_layer_index(feature_layer, settings) if settings.needs_attention else None
@@ -767,7 +827,7 @@ class CompressedGenerationMixin:
         outputs = super().forward(
             input_ids=None,
             attention_mask=packed.attention_mask,
-            position_ids=packed.position_ids,
+            position_ids=self._position_ids(packed),
             past_key_values=past_key_values,
             inputs_embeds=batch.inputs_embeds,
             labels=packed.labels,
@@ -817,8 +877,9 @@ class CompressedGenerationMixin:
         if pixel_values is None or settings.method == "none":
             for name in GUIDANCE_INPUTS:
                 kwargs.pop(name, None)
-            if pixel_values is not None:
-                # forward() sees the per-call settings too, so a "none" override stays off in the prefill.
+            if settings.method == "none":
+                # forward() sees the per-call settings too, so a "none" override stays off in the prefill (and for
+                # inputs the model refuses to compress, such as OneVision's videos).
                 kwargs["compression"] = {"method": "none"}
             outputs = super().generate(input_ids, **kwargs)
             if not isinstance(outputs, torch.Tensor):

@@ -95,7 +95,13 @@ def compress_gprune(inputs: CompressionInputs, config: GPruneConfig) -> TokenPla
 
 def view_counts(config: GPruneConfig, sizes: list[int]) -> list[int]:
     """Tokens kept in each view (see the module docstring): a ratio per graph, an int count split by view size."""
-    budget = float(config.keep_ratio) if config.budget is None else config.budget
+    return split_budget(float(config.keep_ratio) if config.budget is None else config.budget, sizes)
+
+
+def split_budget(budget: int | float, sizes: list[int]) -> list[int]:
+    """Tokens kept in each of the views of ``sizes`` tokens: a float ratio applies to each view on its own
+    (``resolve_budget(ratio, n_v)``); an int count ``T = resolve_budget(budget, sum(sizes))`` is split in
+    proportion to the view sizes by cumulative floors, so the counts sum to ``T``."""
     if isinstance(budget, float):
         return [resolve_budget(budget, size) for size in sizes]
     total_size = sum(sizes)

@@ -1,36 +1,56 @@
 """PruMerge and PruMerge+: keep the [CLS]-attention outliers, merge similar patches into them (arXiv 2403.15388).
 
+The defaults follow the authors' released code (LLaVA-PruMerge), which produced the published numbers; where the
+paper reads differently, the paper's reading is a named option.
+
 Steps (PruMerge):
-1. Recompute the [CLS] attention ``a`` (I, N) at the attention layer (softmax per head, mean over heads).
-2. Keep the patches whose attention is an IQR outlier, ``a > Q3 + 1.5 * IQR``, with the quartiles taken over the
-   image's N values by linear interpolation (numpy's default percentile). The count is adaptive: the paper keeps
-   about 32 of 576 tokens (5.5%) on LLaVA-1.5.
-3. Each kept patch p absorbs its ``merge_neighbors`` (32 in the paper) most key-similar patches: cosine of the
-   attention layer's keys, against every other patch (p itself excluded, as in the released code). Other kept
-   patches may be among them, so a patch can contribute to several output tokens.
-4. The output token is the attention-weighted mean over {p} and its neighbours: ``y_p = sum_m w_m x_m`` with
-   ``w_m = a_m / sum_{m'} a_{m'}`` over that set. The paper describes the merge as a weighted average by [CLS]
-   attention; the released code instead adds ``x_p + sum_m a_m x_m`` without normalising and appends one extra
-   token (the attention-weighted sum of the pruned patches). Normalised weights keep the merged token on the
-   feature scale the projector was trained on; the extra token is not produced.
+1. [CLS] attention ``a`` (I, N) at the attention layer (the layer that reads the feature layer, layer 23 for
+   LLaVA-1.5's -2, as the released code hooks): ``attention="joint"`` (default, released) is ONE softmax of
+   ``q_cls . k_n`` over all heads concatenated, scaled by ``A ** -0.5``; ``"per_head"`` is the mean of the
+   per-head softmaxes (the layer's own attention).
+2. Keep the patches whose attention is an IQR outlier, ``a > Q3 + 1.5 * IQR``, quartiles by linear interpolation
+   (numpy's default percentile) over the image's N values. The count is adaptive (~32 of 576 in the paper).
+3. Merge (``merge``): each kept patch p finds its ``k`` most key-similar *other* patches (cosine of the attention
+   layer's keys; other kept patches included, so a patch may feed several tokens), k = ``merge_neighbors`` (32)
+   clamped to N - 1, or ``round(neighbors_ratio * N)`` when ``neighbors_ratio`` is set.
+   - ``"released"`` (default): ``y_p = x_p + sum_m a_m x_m`` over the k neighbours, raw attention, no division
+     by the total (the released code has that division commented out).
+   - ``"average"``: the paper's wording, the attention-weighted mean over {p} and its neighbours,
+     ``y_p = sum_m a_m x_m / sum_m a_m`` (a plain mean if every weight underflowed to 0).
+   - ``"none"``: no merge, ``y_p = x_p`` (selection only).
+4. ``extra_token`` (default True, released): one more token, ``sum_n a_n x_n`` over every patch not kept.
+
+PruMerge+ adds sampled patches to the outliers before the merge (``sampling``):
+- ``"raster"`` (default, released): with ``r`` = outliers / N, the raster positions
+  ``0, s, 2s, ... < N - 1`` with ``s = floor(floor(1 / r) / 3)`` (computed exactly as ``(N // outliers) // 3``).
+  The released code hard-codes 575 for N - 1 and crashes where ``s`` is undefined; here: any N uses N - 1;
+  ``r = 0`` (no outlier) takes the limit ``s = infinity``, i.e. position 0 only; ``r > 1/3`` would give
+  ``s = 0`` and is clamped to 1 (every position ``< N - 1`` sampled), but IQR outliers never reach it: at most
+  about a quarter of the values lie above Q3.
+- ``"lattice"`` (our variation): the cell centres of a ``round(rows * sqrt(uniform_ratio))`` x
+  ``round(cols * sqrt(uniform_ratio))`` lattice on each view's patch grid, about ``uniform_ratio * N`` points,
+  uniform in both directions on any grid.
+The paper reports ~25% of the tokens for PruMerge+ on LLaVA-1.5; the raster rule keeps more when outliers are few.
+
+Remaining differences from the released code, each on purpose:
+- The top patch by attention is always kept (released: an image without outliers keeps no patch, only the extra
+  token), so that every image keeps at least one patch.
+- Outliers are taken per image (released: over the whole batch flattened, which is per image at its batch size 1),
+  and the count is the number of outliers (released: ``int(N * (outliers / N))``, which float rounding can make
+  one less).
+- Kept tokens come out in raster order, then the extra token (released: descending attention, then the extra
+  token). The merge does not depend on that order.
+- No extra token when nothing was pruned (released: a zero token).
+- Ties in the neighbour ranking go to the lower patch index (released: ``topk``'s unspecified order).
 
 On LLaVA-NeXT (anyres) the image's tokens are its base view and high-resolution grid (``inputs.views``): the
-[CLS] attention is each crop's own (precomputed by the model), outliers are taken over the whole image, and
-PruMerge+ lays one lattice on each view.
+[CLS] attention is each crop's own (precomputed by the model), outliers are taken over the whole image, the raster
+rule runs over the image's N tokens in reading order and the lattice is laid on each view.
 
-PruMerge+ adds spatially uniform samples to the outliers: a lattice on the patch grid with about
-``uniform_ratio * N`` points (cell centres of ``round(rows * sqrt(uniform_ratio))`` x
-``round(cols * sqrt(uniform_ratio))`` cells, so the stride along each axis is about ``1 / sqrt(uniform_ratio)``).
-The paper's PruMerge+ keeps about 25% of the tokens; outliers (~5.5%) plus a 20% lattice, less their overlap, give
-about that. The released code samples a 1-D stride over raster indices instead; a 2-D lattice is uniform in both
-directions on any grid. Uniform samples merge their neighbours exactly like the outliers.
-
-Kept tokens come out in raster order (the released code emits them in descending attention).
-
-Budget: with ``budget`` set, the count per image is exactly ``resolve_budget(budget, N)``. PruMerge then keeps the
-top-``budget`` patches by attention instead of the outliers. PruMerge+ ranks its outlier-and-lattice set first (by
-attention within it, so outliers lead), then the remaining patches by attention, and keeps the first ``budget``:
-the set is trimmed by attention when too large and filled by attention when too small.
+Budget: with ``budget`` set the count per image is exactly ``B = resolve_budget(budget, N)``. With the extra token
+(and 2 <= B < N), B - 1 patches plus the extra token; else B patches. PruMerge keeps the top patches by
+attention; PruMerge+ ranks its outlier-and-sample set first (by attention within it), then the remaining patches
+by attention, and keeps the first ones: the set is trimmed by attention when too large and filled when too small.
 """
 
 import math
@@ -38,8 +58,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .compression_common import CompressionInputs, MethodConfig, TokenPlan, cls_attention, plan_from_mask
-from .compression_common import check_range, resolve_budget, select_plan, stable_descending_order, validate_budget
+from .compression_common import CompressionInputs, MethodConfig, TokenPlan, check_choice, check_range, cls_attention
+from .compression_common import plan_from_mask, resolve_budget, select_mask, stable_topk_indices, validate_budget
+
+MERGES = ("released", "average", "none")
+ATTENTIONS = ("joint", "per_head")
+SAMPLINGS = ("raster", "lattice")
 
 
 @dataclass(frozen=True)
@@ -48,7 +72,15 @@ class PruMergeConfig(MethodConfig):
 
     budget: None for the adaptive IQR-outlier count (the paper's method); or a fixed number of tokens per image,
         an int count or a float ratio of the patches, filled with the top patches by [CLS] attention.
-    merge_neighbors: how many most key-similar patches each kept patch absorbs (32 in the paper); clamped to N - 1.
+    merge_neighbors: how many most key-similar patches each kept patch absorbs (32 in the released code, at any
+        N); clamped to N - 1.
+    neighbors_ratio: None, or a fraction in (0, 1] of N that replaces ``merge_neighbors`` (k = round(ratio * N),
+        at least 1): the neighbourhood scaled with the image (32 / 576 ~ 0.056 matches LLaVA-1.5).
+    merge: ``"released"`` (kept patch + raw-attention-weighted neighbours), ``"average"`` (attention-weighted mean,
+        the paper's wording) or ``"none"`` (no merge).
+    attention: ``"joint"`` (one softmax over all heads, the released formula) or ``"per_head"`` (mean of per-head
+        softmaxes).
+    extra_token: add the attention-weighted sum of the pruned patches as one more token (released: True).
     cls_attention_layer: vision layer whose [CLS] attention and keys are read; None = the layer that reads the
         feature layer's output (for LLaVA's feature layer -2, the last layer, as in the released code).
     """
@@ -58,29 +90,51 @@ class PruMergeConfig(MethodConfig):
 
     budget: int | float | None = None
     merge_neighbors: int = 32
+    neighbors_ratio: float | None = None
+    merge: str = "released"
+    attention: str = "joint"
+    extra_token: bool = True
     cls_attention_layer: int | None = None
 
     def __post_init__(self):
         validate_budget(self.budget, allow_none=True)
         check_range("merge_neighbors", self.merge_neighbors, 0, integer=True)
+        if self.neighbors_ratio is not None:
+            ratio = self.neighbors_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                raise ValueError(f"neighbors_ratio must be None or a number in (0, 1], got {ratio!r}")
+        check_choice("merge", self.merge, MERGES)
+        check_choice("attention", self.attention, ATTENTIONS)
+        if not isinstance(self.extra_token, bool):
+            raise ValueError(f"extra_token must be True or False, got {self.extra_token!r}")
         if self.cls_attention_layer is not None:
             check_range("cls_attention_layer", self.cls_attention_layer, integer=True)
+
+    def neighbours_for(self, num_patches: int) -> int:
+        """Neighbours each kept patch absorbs in an image of ``num_patches`` patches (at most N - 1)."""
+        wanted = self.merge_neighbors
+        if self.neighbors_ratio is not None:
+            wanted = max(1, round(self.neighbors_ratio * num_patches))
+        return max(0, min(wanted, num_patches - 1))
 
 
 @dataclass(frozen=True)
 class PruMergePlusConfig(PruMergeConfig):
     """Settings of ``"prumerge_plus"``: those of ``"prumerge"`` and
 
-    uniform_ratio: fraction of the patches added as a spatially uniform lattice on the patch grid, in (0, 1];
-        0.2 with ~5.5% outliers gives the paper's ~25% of tokens in total.
+    sampling: ``"raster"`` (the released 1-D stride ``floor(floor(1 / r) / 3)`` over raster positions, r = the
+        outlier ratio) or ``"lattice"`` (a 2-D lattice of about ``uniform_ratio * N`` points on each view's grid).
+    uniform_ratio: fraction of the patches the ``"lattice"`` sampling adds, in (0, 1]; unused by ``"raster"``.
     """
 
     method = "prumerge_plus"
 
+    sampling: str = "raster"
     uniform_ratio: float = 0.2
 
     def __post_init__(self):
         super().__post_init__()
+        check_choice("sampling", self.sampling, SAMPLINGS)
         ratio = self.uniform_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise ValueError(f"uniform_ratio must be a number in (0, 1], got {ratio!r}")
@@ -90,58 +144,133 @@ class PruMergePlusConfig(PruMergeConfig):
 def compress_prumerge(inputs: CompressionInputs, config: PruMergeConfig) -> TokenPlan:
     """Plan keeping the IQR outliers of [CLS] attention (or the top ``budget``), each merged with its neighbours.
 
-    inputs.features: (I, N, C); inputs.cls_query (I, A); inputs.attention_keys (I, 1 + N, A).
-    Returns a merging plan: K = the largest kept count in the batch (exactly ``resolve_budget(budget, N)`` when
-    ``budget`` is set), tokens in raster order, merge_weights (I, K, N) attention-normalised over each token's set.
+    inputs.features: (I, N, C); inputs.cls_query (I, A); inputs.attention_keys (I, 1 + N, A) (or the precomputed
+    attention and ``keys`` of multi-crop images).
+    Returns a merging plan (see ``merge_plan``).
     """
-    attention = cls_attention(inputs, per_head=True)  # (I, N)
-    if config.budget is None:
-        plan = plan_from_mask(iqr_outliers(attention))
-    else:
-        keep = resolve_budget(config.budget, inputs.num_patches)
-        plan = select_plan(attention, keep)
-    return with_neighbour_merge(plan, attention, inputs.patch_keys, config.merge_neighbors)
+    attention = cls_attention(inputs, per_head=config.attention == "per_head")  # (I, N)
+    outliers = iqr_outliers(attention)  # (I, N)
+    return merge_plan(inputs, config, attention, outliers, attention)
 
 
 @torch.no_grad()
 def compress_prumerge_plus(inputs: CompressionInputs, config: PruMergePlusConfig) -> TokenPlan:
-    """Plan keeping the IQR outliers plus a uniform lattice on the patch grid, each merged with its neighbours.
+    """Plan keeping the IQR outliers plus sampled patches (released raster rule or a lattice), merged as PruMerge.
 
-    inputs.features: (I, N, C); inputs.cls_query (I, A); inputs.attention_keys (I, 1 + N, A); inputs.grid
-    (rows, cols) with rows * cols == N, or inputs.views (one lattice per view).
-    Returns a merging plan as ``compress_prumerge`` does; with ``budget`` set, exactly ``resolve_budget(budget, N)``
-    tokens per image (the outlier-and-lattice set trimmed or filled by attention).
+    inputs as for ``compress_prumerge``; ``sampling="lattice"`` also needs inputs.grid (rows, cols) with
+    rows * cols == N, or inputs.views. Returns a merging plan (see ``merge_plan``).
     """
-    attention = cls_attention(inputs, per_head=True)  # (I, N)
-    # One lattice per view (LLaVA-NeXT: the base view and the high-resolution grid), in token order.
-    lattices = [uniform_lattice(grid, view_size(grid, inputs), config.uniform_ratio, attention.device)
-                for grid in inputs.view_grids]
-    lattice = torch.cat(lattices)  # (N,)
-    if lattice.shape[0] != inputs.num_patches:
-        raise ValueError(f"prumerge_plus: views {inputs.view_grids} hold {lattice.shape[0]} tokens, the features "
-                         f"{inputs.num_patches}")
-    chosen = iqr_outliers(attention) | lattice  # (I, N)
-    if config.budget is None:
-        plan = plan_from_mask(chosen)
+    attention = cls_attention(inputs, per_head=config.attention == "per_head")  # (I, N)
+    strict = strict_iqr_outliers(attention)  # (I, N)
+    outliers = with_top_patch(strict, attention)  # (I, N)
+    if config.sampling == "raster":
+        sampled = raster_samples(strict.sum(dim=-1), inputs.num_patches)  # (I, N)
     else:
-        keep = resolve_budget(config.budget, inputs.num_patches)
-        # Attention is a probability (<= 1): adding 2 ranks every chosen patch above every other one.
-        priority = attention + 2.0 * chosen.float()  # (I, N)
-        plan = select_plan(priority, keep)
-    return with_neighbour_merge(plan, attention, inputs.patch_keys, config.merge_neighbors)
+        lattices = [uniform_lattice(grid, view_size(grid, inputs), config.uniform_ratio, attention.device)
+                    for grid in inputs.view_grids]  # one lattice per view, in token order
+        lattice = torch.cat(lattices)  # (N,)
+        if lattice.shape[0] != inputs.num_patches:
+            raise ValueError(f"prumerge_plus: views {inputs.view_grids} hold {lattice.shape[0]} tokens, the "
+                             f"features {inputs.num_patches}")
+        sampled = lattice.expand_as(outliers)  # (I, N)
+    chosen = outliers | sampled  # (I, N)
+    # Attention is a probability (<= 1): adding 2 ranks every chosen patch above every other one.
+    return merge_plan(inputs, config, attention, chosen, attention + 2.0 * chosen.float())
+
+
+def merge_plan(inputs: CompressionInputs, config: PruMergeConfig, attention: torch.Tensor, chosen: torch.Tensor,
+               priority: torch.Tensor) -> TokenPlan:
+    """The plan of the kept patches (``chosen``, or the top-``priority`` ones under a budget), merged.
+
+    attention: (I, N) float32; chosen: (I, N) bool, the adaptive set; priority: (I, N) ranking for a budget.
+    Returns K output rows per image: the kept patches in raster order, then the extra token (source_index -1),
+    then padding; merge_weights (I, K, N). K = ``resolve_budget(budget, N)`` with a budget (known on the host),
+    else the largest count in the batch (one host sync).
+    """
+    num_images, num_patches = attention.shape
+    if config.budget is None:
+        kept = chosen
+        extra = (kept.sum(dim=-1) < num_patches) & config.extra_token  # (I,)
+        max_count = int((kept.sum(dim=-1) + extra).max()) if num_images else 0  # the one host sync
+    else:
+        max_count = resolve_budget(config.budget, num_patches)
+        with_extra = config.extra_token and 2 <= max_count < num_patches
+        kept = select_mask(priority, max_count - with_extra)  # (I, N)
+        extra = torch.full((num_images,), with_extra, dtype=torch.bool, device=attention.device)  # (I,)
+    plan = plan_from_mask(kept, max_count)  # (I, K), -1 past the kept patches
+    weights = neighbour_weights(plan.source_index, attention, inputs.patch_keys, config)  # (I, K, N)
+    # The extra token: sum of the pruned patches weighted by attention, in the row after the kept ones.
+    extra_row = (attention * ~kept * extra.unsqueeze(-1)).unsqueeze(1)  # (I, 1, N)
+    extra_slot = plan.counts.clamp(max=max(max_count - 1, 0)).view(num_images, 1, 1).expand(-1, 1, num_patches)
+    if max_count:
+        weights = weights.scatter_add(1, extra_slot, extra_row)  # adds zeros where an image has no extra token
+    return TokenPlan(source_index=plan.source_index, counts=plan.counts + extra, merge_weights=weights)
+
+
+def neighbour_weights(source_index: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor,
+                      config: PruMergeConfig) -> torch.Tensor:
+    """(I, K, N) float32 merge weights of the kept patches ``source_index`` (I, K) (-1: a zero row).
+
+    attention: (I, N) float32; keys: (I, N, A). Similarities are kept-patch x all-patch, (I, K, N): no N x N.
+    """
+    num_images, num_patches = attention.shape
+    valid = (source_index >= 0).unsqueeze(-1)  # (I, K, 1)
+    anchor = source_index.clamp(min=0)  # (I, K)
+    own = torch.zeros(*source_index.shape, num_patches, device=attention.device)  # (I, K, N)
+    own.scatter_(2, anchor.unsqueeze(-1), 1.0)  # each kept patch at weight 1
+    neighbours = config.neighbours_for(num_patches)
+    if config.merge == "none" or neighbours == 0:
+        return own * valid
+    unit_keys = torch.nn.functional.normalize(keys.float(), dim=-1)  # (I, N, A)
+    anchor_keys = unit_keys.gather(1, anchor.unsqueeze(-1).expand(-1, -1, unit_keys.shape[-1]))  # (I, K, A)
+    similarity = anchor_keys @ unit_keys.transpose(1, 2)  # (I, K, N)
+    # A patch is never its own neighbour: -inf ranks it last, behind every other patch.
+    similarity.scatter_(2, anchor.unsqueeze(-1), -math.inf)
+    nearest = stable_topk_indices(similarity, neighbours, largest=True)  # (I, K, k)
+    members = torch.zeros_like(similarity).scatter_(2, nearest, 1.0)  # (I, K, N) the neighbours
+    neighbour_attention = members * attention.unsqueeze(1)  # (I, K, N)
+    if config.merge == "released":
+        return (own + neighbour_attention) * valid
+    # "average": {p} and its neighbours, weighted by attention and normalised.
+    weights = neighbour_attention + own * attention.unsqueeze(1)  # (I, K, N)
+    total = weights.sum(dim=-1, keepdim=True)  # (I, K, 1)
+    plain_mean = (members + own) / (neighbours + 1)  # (I, K, N)
+    weights = torch.where(total > 0, weights / total.clamp(min=torch.finfo(total.dtype).tiny), plain_mean)
+    return weights * valid
 
 
 def iqr_outliers(attention: torch.Tensor) -> torch.Tensor:
-    """(I, N) bool: ``attention > Q3 + 1.5 * IQR`` per image, plus the top patch so that no image keeps nothing.
+    """(I, N) bool: ``attention > Q3 + 1.5 * IQR`` per image, plus the top patch so that no image keeps nothing."""
+    return with_top_patch(strict_iqr_outliers(attention), attention)
 
-    Quartiles use linear interpolation, as numpy's default percentile. The top patch is an outlier whenever any
-    patch is, so adding it only matters for images without outliers (e.g. uniform attention).
-    """
+
+def with_top_patch(chosen: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """(I, N) bool: ``chosen`` plus each image's top patch by attention (the first maximum: ties to the lower index).
+
+    The top patch is an outlier whenever any patch is, so adding it only matters for images without outliers
+    (e.g. uniform attention)."""
+    return chosen.scatter(1, attention.argmax(dim=-1, keepdim=True), True)
+
+
+def strict_iqr_outliers(attention: torch.Tensor) -> torch.Tensor:
+    """(I, N) bool: ``attention > Q3 + 1.5 * IQR`` per image (possibly none), quartiles by linear interpolation as
+    numpy's default percentile."""
     quartiles = torch.quantile(attention, attention.new_tensor([0.25, 0.75]), dim=-1, keepdim=True)  # (2, I, 1)
     first, third = quartiles[0], quartiles[1]  # (I, 1) each
-    outliers = attention > third + 1.5 * (third - first)  # (I, N)
-    top = attention.argmax(dim=-1, keepdim=True)  # (I, 1), the first maximum: ties go to the lower index
-    return outliers.scatter(1, top, True)
+    return attention > third + 1.5 * (third - first)  # (I, N)
+
+
+def raster_samples(outlier_counts: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(I, N) bool: the released PruMerge+ positions ``0, s, 2s, ... < N - 1``, s = ``(N // outliers) // 3``.
+
+    outlier_counts: (I,) long, the strict IQR outliers of each image (the always-kept top patch aside). None gives
+    s = infinity (position 0 only); s = 0 (outlier ratio > 1/3, which IQR outliers cannot reach, at most ~1/4 of
+    the values lying above Q3) is clamped to 1. See the module docstring.
+    """
+    counts = outlier_counts.unsqueeze(-1)  # (I, 1)
+    step = torch.where(counts > 0, num_patches // counts.clamp(min=1) // 3, num_patches).clamp(min=1)  # (I, 1)
+    positions = torch.arange(num_patches, device=outlier_counts.device)  # (N,)
+    return (positions % step == 0) & (positions < num_patches - 1)  # (I, N)
 
 
 def view_size(grid: tuple[int, int] | None, inputs: CompressionInputs) -> int:
@@ -152,7 +281,8 @@ def view_size(grid: tuple[int, int] | None, inputs: CompressionInputs) -> int:
 def uniform_lattice(grid: tuple[int, int] | None, num_patches: int, ratio: float, device) -> torch.Tensor:
     """(N,) bool: the centres of a ``round(rows * sqrt(ratio))`` x ``round(cols * sqrt(ratio))`` lattice of cells."""
     if grid is None or grid[0] * grid[1] != num_patches:
-        raise ValueError(f"prumerge_plus needs inputs.grid (rows, cols) with rows * cols == {num_patches}, got {grid}")
+        raise ValueError(f"prumerge_plus sampling='lattice' needs inputs.grid (rows, cols) with rows * cols == "
+                         f"{num_patches}, got {grid}")
     rows, cols = grid
     row_samples = min(rows, max(1, round(rows * math.sqrt(ratio))))
     col_samples = min(cols, max(1, round(cols * math.sqrt(ratio))))
@@ -161,27 +291,3 @@ def uniform_lattice(grid: tuple[int, int] | None, num_patches: int, ratio: float
     col_ids = (2 * torch.arange(col_samples, device=device) + 1) * cols // (2 * col_samples)  # (S,)
     raster = (row_ids.unsqueeze(-1) * cols + col_ids).flatten()  # (R * S,)
     return torch.zeros(num_patches, dtype=torch.bool, device=device).index_fill(0, raster, True)
-
-
-def with_neighbour_merge(plan: TokenPlan, attention: torch.Tensor, keys: torch.Tensor, neighbours: int) -> TokenPlan:
-    """``plan`` with merge weights: each kept patch averages itself and its most key-similar patches by attention.
-
-    plan.source_index: (I, K); attention: (I, N) float32; keys: (I, N, A). The weights are built for all N patches
-    (an N x N table, small next to the encoder) so that the kept tokens' rows are one gather.
-    """
-    num_patches = attention.shape[1]
-    unit_keys = torch.nn.functional.normalize(keys.float(), dim=-1)  # (I, N, A)
-    similarity = unit_keys @ unit_keys.transpose(1, 2)  # (I, N, N)
-    # A patch is never its own neighbour: -inf sorts it last, behind every other patch.
-    similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-    nearest = stable_descending_order(similarity)[..., : min(neighbours, num_patches - 1)]  # (I, N, M)
-    members = torch.zeros_like(similarity, dtype=torch.bool).scatter(2, nearest, True)  # (I, N, N)
-    members |= torch.eye(num_patches, dtype=torch.bool, device=attention.device)  # row p: {p} and its neighbours
-    weights = members * attention.unsqueeze(1)  # (I, N, N)
-    total = weights.sum(dim=-1, keepdim=True)  # (I, N, 1)
-    # A set whose attention all underflowed to 0 falls back to a plain mean instead of 0 / 0.
-    plain_mean = members / members.sum(dim=-1, keepdim=True)  # (I, N, N)
-    weights = torch.where(total > 0, weights / total.clamp(min=torch.finfo(total.dtype).tiny), plain_mean)
-    rows = plan.source_index.clamp(min=0).unsqueeze(-1).expand(-1, -1, num_patches)  # (I, K, N)
-    merge_weights = weights.gather(1, rows) * (plan.source_index >= 0).unsqueeze(-1)  # (I, K, N)
-    return TokenPlan(source_index=plan.source_index, counts=plan.counts, merge_weights=merge_weights)

@@ -1,8 +1,10 @@
-"""Configurations of LLaVA and LLaVA-NeXT with visual-token compression: the stock config plus ``compression``."""
+"""Configurations of LLaVA, LLaVA-NeXT and LLaVA-OneVision with visual-token compression: the stock config plus
+``compression``."""
 
-from transformers import LlavaConfig, LlavaNextConfig
+from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
 
 from .compression_registry import parse_compression
+from .vision_importance import IMPORTANCE_SCORES
 
 DEFAULT_COMPRESSION = {"method": "rc"}
 
@@ -12,6 +14,12 @@ def normalise_compression_fields(config) -> None:
     settings = DEFAULT_COMPRESSION if config.compression is None else config.compression
     # Store the normalised JSON form (defaults filled in) so saved configs are explicit.
     config.compression = parse_compression(settings).to_dict()
+    importance = getattr(config, "importance_score", None)
+    if importance is not None and importance not in IMPORTANCE_SCORES:
+        raise ValueError(f"importance_score must be one of {list(IMPORTANCE_SCORES)} or None, got {importance!r}")
+    sinks = getattr(config, "attention_sinks", 0)
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"attention_sinks must be an int >= 0 (tokens per crop left out of the score), got {sinks!r}")
     if config.guidance_text_config is not None:
         if hasattr(config.guidance_text_config, "to_dict"):
             config.guidance_text_config = config.guidance_text_config.to_dict()
@@ -37,6 +45,14 @@ class LlavaRCConfig(LlavaConfig):
         projections, which ``guidance="clip"`` uses (the RC paper's text guidance).
     guidance_projection_dim (`int`, *optional*):
         Width of CLIP's shared image-text space; required with ``guidance_text_config``.
+    importance_score (`str`, *optional*):
+        The per-token score that methods reading attention ([CLS]-based: ``cls_attention``, PruMerge(+), RC) rank
+        by: ``"cls_attention"`` or ``"received_attention"`` (the mean attention a token receives from all tokens of
+        its crop); None (default) = [CLS] attention when the vision tower has a [CLS], else received attention.
+    attention_sinks (`int`, *optional*, defaults to 0):
+        With received attention: the most-attended tokens per crop treated as attention sinks (left out of the
+        statistic as keys and as queries, and scored 0); 0 keeps the plain statistic. See
+        ``llava_rc.vision_importance``.
     All other arguments are those of [`LlavaConfig`].
     """
 
@@ -45,6 +61,8 @@ class LlavaRCConfig(LlavaConfig):
     compression: dict | None = None
     guidance_text_config: dict | None = None
     guidance_projection_dim: int | None = None
+    importance_score: str | None = None
+    attention_sinks: int = 0
 
     def __post_init__(self, **kwargs):
         normalise_compression_fields(self)
@@ -65,6 +83,7 @@ class LlavaNextRCConfig(LlavaNextConfig):
         the whole image. Details: ``llava_rc.modeling_llava_rc`` and the README.
     guidance_text_config (`dict`, *optional*), guidance_projection_dim (`int`, *optional*):
         CLIP text tower for ``guidance="clip"``, as for [`LlavaRCConfig`].
+    importance_score (`str`, *optional*), attention_sinks (`int`, *optional*): as for [`LlavaRCConfig`].
     All other arguments are those of [`LlavaNextConfig`] (``image_grid_pinpoints``, ...). Build one from a stock
     config with ``LlavaNextRCConfig(**{k: v for k, v in next_config.to_dict().items() if k != "model_type"},
     compression={...})``.
@@ -75,6 +94,36 @@ class LlavaNextRCConfig(LlavaNextConfig):
     compression: dict | None = None
     guidance_text_config: dict | None = None
     guidance_projection_dim: int | None = None
+    importance_score: str | None = None
+    attention_sinks: int = 0
+
+    def __post_init__(self, **kwargs):
+        normalise_compression_fields(self)
+        super().__post_init__(**kwargs)
+
+
+class LlavaOnevisionRCConfig(LlavaOnevisionConfig):
+    r"""LLaVA-OneVision configuration whose model compresses the visual tokens of every image (not of videos).
+
+    compression (`dict`, *optional*):
+        As for [`LlavaNextRCConfig`]: validated on construction, default ``{"method": "rc"}``; a budget counts each
+        image's visual tokens without newline tokens (base view, then the unpadded grid, after the stock bilinear
+        downsampling when the grid exceeds ``vision_aspect_ratio``), newline tokens are always kept. SigLIP has no
+        [CLS]: methods that read [CLS] attention rank by the mean attention each token receives instead. Details:
+        ``LlavaOnevisionRCForConditionalGeneration`` and ``docs/design.md``.
+    guidance_text_config (`dict`, *optional*), guidance_projection_dim (`int`, *optional*), importance_score (`str`,
+        *optional*), attention_sinks (`int`, *optional*): as for [`LlavaRCConfig`].
+    All other arguments are those of [`LlavaOnevisionConfig`]. Build one from a stock config with
+    ``LlavaOnevisionRCConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"}, compression={...})``.
+    """
+
+    model_type = "llava_onevision_rc"
+
+    compression: dict | None = None
+    guidance_text_config: dict | None = None
+    guidance_projection_dim: int | None = None
+    importance_score: str | None = None
+    attention_sinks: int = 0
 
     def __post_init__(self, **kwargs):
         normalise_compression_fields(self)

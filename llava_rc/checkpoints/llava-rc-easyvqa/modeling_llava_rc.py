@@ -37,10 +37,15 @@ LLaVA-NeXT compression (the budget semantics; see also the README):
 - PruMerge+ lays its uniform lattice on each view; TRSM ranks the whole image by question similarity.
 """
 
+from dataclasses import dataclass
+
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers import LlavaOnevisionForConditionalGeneration
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from .compressed_generation import (
     NEWLINE,
@@ -49,7 +54,8 @@ from .compressed_generation import (
     ImageLayout,
     LlavaRCCausalLMOutputWithPast,
 )
-from .configuration_llava_rc import LlavaNextRCConfig, LlavaRCConfig
+from .compression_common import apply_plan
+from .configuration_llava_rc import LlavaNextRCConfig, LlavaOnevisionRCConfig, LlavaRCConfig
 
 
 class LlavaRCForConditionalGeneration(CompressedGenerationMixin, LlavaForConditionalGeneration):
@@ -200,7 +206,273 @@ def anyres_token_counts(config, image_sizes) -> torch.Tensor:
 __all__ = [
     "CompressionReport",
     "LlavaNextRCForConditionalGeneration",
+    "LlavaOnevisionRCForConditionalGeneration",
+    "OnevisionImageGeometry",
     "LlavaRCCausalLMOutputWithPast",
     "LlavaRCForConditionalGeneration",
     "anyres_token_counts",
 ]
+
+
+@dataclass(frozen=True)
+class OnevisionImageGeometry:
+    """What decides a LLaVA-OneVision image's tokens besides its pixels, in reading order.
+
+    sizes: ((height, width), ...) of the original images; patched: for each image, True when it is read as base
+    view + anyres grid (its row has one image), False when only its base view is (rows with several images, the
+    stock ``batch_num_images`` rule); aspect_ratio: ``vision_aspect_ratio`` ("anyres_max_9"), the grid size above
+    which the grid is bilinearly downsampled.
+    """
+
+    sizes: tuple[tuple[int, int], ...]
+    patched: tuple[bool, ...]
+    aspect_ratio: str
+
+
+@dataclass
+class OnevisionImageLayout(ImageLayout):
+    """An ``ImageLayout`` whose non-newline ``token_index`` entries are the token's ordinal among the image's
+    non-newline tokens (a downsampled token blends several patches, so no crop-token index describes it); the
+    signals are put in reading order by the stock packing instead, from the image's crops and geometry."""
+
+    first_crop: int = 0
+    num_crops: int = 1
+    size: tuple[int, int] = (0, 0)
+    aspect_ratio: str = "anyres_max_9"
+
+
+class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OneVision (SigLIP tower without [CLS], Qwen2) that compresses each image's visual tokens.
+
+    The image's tokens are those of the stock model: a single-image row reads the base view (N tokens, no newline)
+    then the anyres grid unpadded to the image's aspect ratio, bilinearly downsampled when it exceeds
+    ``vision_aspect_ratio`` ("anyres_max_9": about 9 crops), one newline per grid row; a row with several images
+    reads each image's base view followed by one newline.
+
+    - A budget counts the non-newline tokens M (base view + grid after downsampling, or the base view alone); newline
+      tokens are never scored or counted and always kept, in place. Semantics otherwise as for LLaVA-NeXT
+      (``modeling_llava_rc`` docstring): one selection per image over all its views, G-Prune per view.
+    - Importance: SigLIP has no [CLS], so ``cls_attention``, PruMerge(+) and RC rank tokens by the mean attention each
+      token receives from all tokens of its crop (``config.importance_score`` "received_attention"; RC's joint
+      statistic uses one softmax over all heads), at the layer that reads the feature layer's output (the last
+      layer for OneVision's -1), optionally without attention sinks (``config.attention_sinks``).
+    - Downsampled grids: every per-crop signal (features, scores, keys, text similarities) is put in reading order by
+      the stock ``pack_image_features`` itself, so a downsampled token's signals are the same bilinear blend as its
+      features. A kept token is exactly the stock token (projected, then packed); a merged token is the projector
+      of the merged vision features, a downsampled token's features being the blend of its patches' features.
+    - Videos are not compressed: ``pixel_values_videos`` with compression on raise a ValueError; with
+      ``compression={"method": "none"}`` the model is stock.
+    """
+
+    config_class = LlavaOnevisionRCConfig
+
+    def __init__(self, config: LlavaOnevisionRCConfig):
+        super().__init__(config)
+        self._init_guidance_modules(config)
+
+    # ---- the stock image inputs ----------------------------------------------------------------------------
+    def image_geometry(self, image_sizes, batch_num_images=None, vision_aspect_ratio=None) -> OnevisionImageGeometry:
+        """The geometry of the images from the stock inputs (``batch_num_images`` None: every image patched)."""
+        if image_sizes is None:
+            raise ValueError("LLaVA-OneVision needs image_sizes (I, 2), the (height, width) of each image; the "
+                             "processor returns them")
+        if isinstance(image_sizes, OnevisionImageGeometry):
+            return image_sizes
+        if isinstance(image_sizes, torch.Tensor) and isinstance(batch_num_images, torch.Tensor):
+            # One host read for both (they sit on the device when the caller moved the processor's outputs there).
+            host = torch.cat([image_sizes.flatten(), batch_num_images.flatten().to(image_sizes)]).tolist()
+            num_sides = image_sizes.numel()
+            image_sizes, batch_num_images = [host[i : i + 2] for i in range(0, num_sides, 2)], host[num_sides:]
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(size) for size in image_sizes]
+        if batch_num_images is None:
+            patched = [True] * len(sizes)
+        else:
+            counts = batch_num_images.tolist() if isinstance(batch_num_images, torch.Tensor) else list(batch_num_images)
+            if sum(counts) != len(sizes):
+                raise ValueError(f"batch_num_images {counts} counts {sum(counts)} images, image_sizes {len(sizes)}")
+            patched = [count == 1 for count in counts for _ in range(count)]
+        return OnevisionImageGeometry(
+            sizes=tuple(tuple(int(side) for side in size) for size in sizes),
+            patched=tuple(patched),
+            aspect_ratio=vision_aspect_ratio or self.config.vision_aspect_ratio,
+        )
+
+    def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
+        """pixel_values (I, P_max, 3, H, W) padded crops (or (sum P_i, 3, H, W)) -> (sum P_i, 3, H, W)."""
+        self._check_pixel_values(pixel_values, (("num_images", "max_crops"), ("total_crops",)))
+        geometry = self.image_geometry(image_sizes)
+        crops_per_image = [
+            image_size_to_num_patches(
+                image_size=list(size),
+                grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=self.config.vision_config.image_size,
+            )
+            if patched
+            else 1
+            for size, patched in zip(geometry.sizes, geometry.patched)
+        ]
+        if pixel_values.dim() == 5 and pixel_values.shape[0] == len(crops_per_image):
+            if pixel_values.shape[1] < max(crops_per_image):
+                raise ValueError(
+                    f"pixel_values has {pixel_values.shape[1]} crops per image but image_sizes "
+                    f"{list(geometry.sizes)} need {crops_per_image}"
+                )
+            crops = torch.cat([images[:count] for images, count in zip(pixel_values, crops_per_image)])
+        elif pixel_values.dim() == 4 and pixel_values.shape[0] == sum(crops_per_image):
+            crops = pixel_values
+        else:
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} does not fit image_sizes {list(geometry.sizes)}: "
+                f"expected ({len(crops_per_image)}, max_crops, 3, H, W) or ({sum(crops_per_image)}, 3, H, W) with "
+                f"crops {crops_per_image}"
+            )
+        return crops, crops_per_image
+
+    def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:
+        """The stock placeholder run of each image: the stock ``pack_image_features`` run on a constant 1-wide
+        feature tells where the newline tokens are (the same code decides the grid, unpadding and downsampling)."""
+        geometry = self.image_geometry(image_sizes)
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        ones = [torch.ones(count, side * side, 1, dtype=torch.float64) for count in crops_per_image]  # (P_i, N, 1)
+        newline = torch.tensor([float(NEWLINE)], dtype=torch.float64)
+        packed, _ = self.model.pack_image_features(
+            ones, [list(size) for size in geometry.sizes], image_newline=newline,
+            vision_aspect_ratio=geometry.aspect_ratio,
+        )
+        starts = torch.tensor([0, *crops_per_image]).cumsum(0).tolist()
+        layouts = []
+        for image, (count, image_tokens) in enumerate(zip(crops_per_image, packed)):
+            is_newline = image_tokens.squeeze(-1) == NEWLINE  # (T,)
+            token_index = torch.full(is_newline.shape, NEWLINE, dtype=torch.long)
+            token_index[~is_newline] = torch.arange(int((~is_newline).sum()))
+            num_newlines = int(is_newline.sum())
+            views = ((side, side),)
+            if count > 1:
+                grid_tokens = token_index.shape[0] - num_newlines - side * side
+                views = ((side, side), (num_newlines, grid_tokens // num_newlines))
+            layouts.append(
+                OnevisionImageLayout(
+                    token_index, views, first_crop=starts[image], num_crops=count, size=geometry.sizes[image],
+                    aspect_ratio=geometry.aspect_ratio,
+                )
+            )
+        return layouts
+
+    def _image_newline(self) -> torch.Tensor:
+        return self.model.image_newline
+
+    def _num_prefix_tokens(self) -> int:
+        """SigLIP towers have no [CLS]; a CLIP tower would have one."""
+        return 0 if "siglip" in self.config.vision_config.model_type else 1
+
+    def _signal_packer(self, layouts: list[ImageLayout], device: torch.device):
+        """The stock ``pack_image_features`` without newlines, run on any per-crop signal: linear (a reshape, the
+        unpadding slice, the bilinear downsampling), so each token's signal is the blend its features are."""
+        sizes = [list(layout.size) for layout in layouts]
+        aspect_ratio = layouts[0].aspect_ratio
+
+        def pack(per_crop: torch.Tensor | None) -> torch.Tensor | None:
+            """(P, N, ...) per crop token -> (I_g, M, ...) per image token in reading order."""
+            if per_crop is None:
+                return None
+            trailing = per_crop.shape[2:]
+            flat = per_crop.reshape(*per_crop.shape[:2], -1)  # (P, N, F)
+            images = [flat[layout.first_crop : layout.first_crop + layout.num_crops] for layout in layouts]
+            packed, _ = self.model.pack_image_features(
+                images, sizes, image_newline=None, vision_aspect_ratio=aspect_ratio
+            )
+            return torch.stack(packed).view(len(layouts), -1, *trailing)  # (I_g, M, ...)
+
+        return pack
+
+    def _plan_tokens(self, signals, plan, pack, settings) -> torch.Tensor:
+        """A kept token is the stock token (projected, then packed); merged tokens: the projector of the merge."""
+        if plan.merge_weights is None and settings.stage != "projected":
+            projected = signals.projected
+            if projected is None:
+                projected = self.model.multi_modal_projector(signals.features)  # (P, N, D)
+            return apply_plan(pack(projected), plan)  # (I_g, K, D)
+        return super()._plan_tokens(signals, plan, pack, settings)
+
+    # ---- forward / generate: the stock OneVision inputs ------------------------------------------------------
+    def _refuse_video(self, method: str | None, pixel_values_videos) -> None:
+        if pixel_values_videos is not None and method != "none":
+            raise ValueError(
+                f"video input (pixel_values_videos) is not compressed, but compression is on (method {method!r}); "
+                "pass compression={'method': 'none'} for video prompts"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_sizes_videos: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        compression: dict | None = None,
+        guidance_mask: torch.Tensor | None = None,
+        guidance_input_ids: torch.Tensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ):
+        r"""
+        Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first
+        (see ``CompressedGenerationMixin.forward``). ``pixel_values_videos`` with compression on raise a ValueError.
+        Without images, or with ``"none"``, nothing is parsed: the stock call.
+
+        compression (`dict`, *optional*): settings for this call only; defaults to ``config.compression``.
+        """
+        method = self._compression_method(compression)
+        self._refuse_video(method, pixel_values_videos)
+        stock_inputs = {}
+        if pixel_values is not None and method != "none":
+            image_sizes = self.image_geometry(image_sizes, batch_num_images, vision_aspect_ratio)
+        else:
+            stock_inputs = dict(
+                pixel_values_videos=pixel_values_videos,
+                image_sizes_videos=image_sizes_videos,
+                vision_aspect_ratio=vision_aspect_ratio,
+                batch_num_images=batch_num_images,
+            )
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            image_sizes=image_sizes,
+            compression=compression,
+            guidance_mask=guidance_mask,
+            guidance_input_ids=guidance_input_ids,
+            guidance_attention_mask=guidance_attention_mask,
+            **stock_inputs,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, compression: dict | None = None, **kwargs):
+        r"""``CompressedGenerationMixin.generate`` with the stock OneVision inputs (``batch_num_images``,
+        ``vision_aspect_ratio``); compression off (or a text-only / video call with it off) is the stock generate.
+        ``pixel_values_videos`` with compression on raise a ValueError."""
+        settings = self.compression_settings(compression)
+        self._refuse_video(settings.method, kwargs.get("pixel_values_videos"))
+        if settings.method != "none" and kwargs.get("pixel_values") is not None:
+            kwargs["image_sizes"] = self.image_geometry(
+                kwargs.get("image_sizes"), kwargs.pop("batch_num_images", None), kwargs.pop("vision_aspect_ratio", None)
+            )
+        return super().generate(inputs, compression=settings, **kwargs)
