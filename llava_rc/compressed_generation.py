@@ -375,7 +375,9 @@ class CompressedGenerationMixin:
         with torch.no_grad():
             plan: TokenPlan = method_function(settings)(inputs, settings)
         num_patches = inputs.num_patches
-        if settings.stage == "projected":
+        # A selection plan (no merge weights) of patches already projected (stage "projected", "llm" guidance) is a
+        # gather of that projection; merged features must go through the (nonlinear) projector.
+        if settings.stage == "projected" or (plan.merge_weights is None and signals.projected is not None):
             tokens = apply_plan(gather(signals.projected), plan)  # (I_g, K, D)
         else:
             tokens = self.model.multi_modal_projector(apply_plan(gather(signals.features), plan))  # (I_g, K, D)
