@@ -31,7 +31,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import roofline  # benchmarks/roofline.py, beside this script
-from bench_common import synchronize, timed, write_readme_section  # benchmarks/bench_common.py
+from bench_common import now, synchronize, timed, use_cpu_time, write_readme_section  # benchmarks/bench_common.py
 import torch
 import transformers
 from transformers import (
@@ -379,7 +378,7 @@ class TokenClock(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         synchronize(self.device)
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(now())
         return scores
 
 
@@ -397,7 +396,7 @@ def run_generate(
     if memory is not None:
         memory.start()
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     out = model.generate(
         **inputs,
         max_new_tokens=new_tokens,
@@ -407,7 +406,7 @@ def run_generate(
         **kwargs,
     )
     synchronize(device)
-    end = time.perf_counter()
+    end = now()
     peak = memory.increase() if memory is not None else None
     if len(clock.stamps) != new_tokens:
         raise RuntimeError(f"expected {new_tokens} tokens, got {len(clock.stamps)}")
@@ -564,6 +563,10 @@ def main() -> None:
         "--prepass-batches", type=int, nargs="+", default=[1, 8],
         help="batches at which the pre-pass (vision tower, compression step) is timed; must include 1",
     )
+    parser.add_argument(
+        "--cpu-time", action="store_true",
+        help="CPU: time with the process's CPU time, not wall time (one thread on a machine shared with other jobs)",
+    )
     parser.add_argument("--update-readme", action="store_true")
     parser.add_argument("--readme-only", action="store_true", help="regenerate the README table from the JSON files")
     args = parser.parse_args()
@@ -573,6 +576,10 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu" or args.threads:
         torch.set_num_threads(args.threads or 1)
+    if args.cpu_time:
+        if device.type != "cpu" or torch.get_num_threads() != 1:
+            raise SystemExit(f"--cpu-time needs --device cpu and one thread, got {device} with {torch.get_num_threads()}")
+        use_cpu_time()
     geometry_name = args.geometry or ("llava-1.5-7b" if device.type == "cuda" else "cpu-small")
     spec = GEOMETRIES[geometry_name]
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
@@ -692,6 +699,7 @@ def main() -> None:
             "weights": "random (N(0, 0.02), norms 1); stock shares RC's tensors",
             "variants": variants,
             "command": " ".join(sys.argv),
+            "clock": "process CPU time" if args.cpu_time else "wall time",
         },
         "ceilings": ceilings_measured,
         **results,
