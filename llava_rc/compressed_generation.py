@@ -35,10 +35,12 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
+from transformers.utils.generic import can_return_tuple
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan, cls_attention
-from .compression_registry import method_function, parse_compression
+from .compression_registry import method_function, update_compression
 from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
 from .sequence_packing import packed_width
 
@@ -48,6 +50,12 @@ logger = logging.get_logger(__name__)
 GUIDANCE_INPUTS = ("guidance_mask", "guidance_input_ids", "guidance_attention_mask")
 # Marks a row-end newline token in an image's layout.
 NEWLINE = -1
+# ``CompressionReport.source_index`` codes for output slots that stand for no single patch.
+PADDING_SOURCE = -1  # past the image's kept count
+SYNTHETIC_SOURCE = -2  # a token merged from several patches with no anchor patch (RC's and PruMerge's extra token)
+NEWLINE_SOURCE = -3  # a row-end newline token (LLaVA-NeXT)
+# Set on the cache that a compressed generate() returns: it holds the compressed prompt, not the caller's ids.
+COMPRESSED_CACHE_FLAG = "llava_rc_compressed_prompt"
 
 
 def host_to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -71,8 +79,10 @@ class CompressionReport:
     num_patches: the largest patch count M of the images (LLaVA-1.5: N for every image), the width of ``absorbed``.
     kept_counts: (I,) tokens the language model read for each image (newline tokens included).
     source_index: (I, K) the original patch each output token stands for, in the order the language model reads
-        them; -1 for synthetic tokens (merged extras, newline tokens) and padding. Patches are numbered over the
-        image's non-newline tokens in reading order (LLaVA-NeXT: base view, then the unpadded grid).
+        them, or a negative code: ``PADDING_SOURCE`` (-1) past the image's kept count, ``SYNTHETIC_SOURCE`` (-2) for
+        a merged token anchored at no patch (RC's and PruMerge's extra token), ``NEWLINE_SOURCE`` (-3) for a
+        row-end newline token. Patches are numbered over the image's non-newline tokens in reading order
+        (LLaVA-NeXT: base view, then the unpadded grid).
     absorbed: (I, K, M) bool, which original patches contributed to each output token (merging methods), or the
         one-hot of ``source_index`` (selection methods).
     patch_counts: (I,) non-newline tokens of each image before compression (what a budget counts).
@@ -181,18 +191,101 @@ class CompressedGenerationMixin:
 
     # ---- settings -------------------------------------------------------------------------------------------
     def compression_settings(self, compression: dict | MethodConfig | None = None) -> MethodConfig:
-        """The validated settings for a call: the per-call override if given, else the config's."""
-        return parse_compression(compression if compression is not None else self.config.compression)
+        """The validated settings for a call: ``config.compression`` updated by the per-call ``compression``.
+
+        Keys given per call replace the config's settings of the same method and keep the rest; naming another
+        method starts from that method's defaults (``compression_registry.update_compression``).
+        """
+        return update_compression(self.config.compression, compression)
+
+    def _compression_method(self, compression: dict | MethodConfig | None) -> str | None:
+        """The method name a call uses, read without validating (cheap and traceable: no dataclass parsing)."""
+        if isinstance(compression, MethodConfig):
+            return compression.method
+        if isinstance(compression, dict) and "method" in compression:
+            return compression["method"]
+        return (self.config.compression or {}).get("method")
 
     # ---- the pre-pass ---------------------------------------------------------------------------------------
     def _vision_feature_layer(self, vision_feature_layer) -> int:
+        """The feature layer as an index into the tower's hidden states (a one-element list counts as its int)."""
         layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
-        if not isinstance(layer, int):
+        if isinstance(layer, (list, tuple)) and len(layer) == 1:
+            layer = layer[0]
+        if isinstance(layer, bool) or not isinstance(layer, int):
             raise ValueError(
                 f"compression supports a single vision_feature_layer (an int), got {layer!r}; "
                 "use compression={'method': 'none'} for multi-layer features"
             )
+        num_states = self.config.vision_config.num_hidden_layers + 1  # the embeddings, then each layer's output
+        if not -num_states <= layer < num_states:
+            raise ValueError(
+                f"vision_feature_layer={layer} is out of range for a vision tower with "
+                f"{num_states - 1} layers; expected an int in [-{num_states}, {num_states - 1}]"
+            )
         return layer
+
+    @staticmethod
+    def _check_input_shapes(
+        input_ids, attention_mask, labels, guidance_mask, guidance_input_ids, guidance_attention_mask
+    ) -> None:
+        """Shape checks on the host (no device reads), before any work: each names the argument and its shape."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (batch_size, sequence_length) tensor, got {got}")
+        batch_size, length = input_ids.shape
+        if batch_size == 0 or length == 0:
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} is empty; with pixel_values every image needs its "
+                "placeholder tokens in input_ids"
+            )
+        for name, value in (("attention_mask", attention_mask), ("labels", labels), ("guidance_mask", guidance_mask)):
+            if value is not None and tuple(value.shape) != (batch_size, length):
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}; expected {(batch_size, length)}, the shape of input_ids"
+                )
+        for name, value in (("guidance_input_ids", guidance_input_ids), ("guidance_attention_mask", guidance_attention_mask)):
+            if value is not None and (value.dim() != 2 or value.shape[0] != batch_size):
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}; expected ({batch_size}, guidance_length), one row per "
+                    "prompt of input_ids"
+                )
+        if (
+            guidance_input_ids is not None
+            and guidance_attention_mask is not None
+            and guidance_attention_mask.shape != guidance_input_ids.shape
+        ):
+            raise ValueError(
+                f"guidance_attention_mask has shape {tuple(guidance_attention_mask.shape)}; expected "
+                f"{tuple(guidance_input_ids.shape)}, the shape of guidance_input_ids"
+            )
+
+    def _check_pixel_values(self, pixel_values, leading: tuple[str, ...]) -> None:
+        """pixel_values must be a tensor of shape (*leading, channels, image_size, image_size) of the tower.
+
+        leading: the names of the leading dims of each accepted layout, e.g. ``("num_images",)``.
+        """
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        vision_config = self.config.vision_config
+        image_dims = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+        shape = tuple(pixel_values.shape)
+        if all(len(shape) != len(dims) + 3 for dims in leading) or shape[-3:] != image_dims:
+            expected = " or ".join(f"({', '.join(dims)}, {', '.join(map(str, image_dims))})" for dims in leading)
+            raise ValueError(f"pixel_values has shape {shape}; expected {expected}")
+
+    def _attention_layer_index(self, feature_layer: int, settings: MethodConfig) -> int:
+        """The encoder layer whose [CLS] attention a method reads (see ``_attention_inputs``)."""
+        num_layers = self.config.vision_config.num_hidden_layers
+        requested = getattr(settings, "cls_attention_layer", None)
+        if requested is None:
+            return min(feature_layer % (num_layers + 1), num_layers - 1)
+        if -num_layers <= requested < num_layers:
+            return requested % num_layers
+        raise ValueError(
+            f"cls_attention_layer={requested} is out of range for a vision tower with {num_layers} layers; "
+            f"expected an int in [-{num_layers}, {num_layers - 1}]"
+        )
 
     def _attention_inputs(self, hidden_states: tuple, feature_layer: int, settings: MethodConfig):
         """[CLS] query (P, A) and keys (P, 1 + N, A) of every crop, recomputed from the stored hidden states.
@@ -209,19 +302,8 @@ class CompressedGenerationMixin:
                 f"{settings.method!r} reads [CLS] attention, which needs a CLIP-style vision tower with an encoder "
                 f"of attention layers; got {type(tower).__name__}"
             )
-        layers = encoder.layers
-        num_layers = len(layers)
-        requested = getattr(settings, "cls_attention_layer", None)
-        if requested is None:
-            layer_index = min(feature_layer % (num_layers + 1), num_layers - 1)
-        elif -num_layers <= requested < num_layers:
-            layer_index = requested % num_layers
-        else:
-            raise ValueError(
-                f"cls_attention_layer={requested} is out of range for a vision tower with {num_layers} layers; "
-                f"expected an int in [-{num_layers}, {num_layers - 1}]"
-            )
-        layer = layers[layer_index]
+        layer_index = self._attention_layer_index(feature_layer, settings)
+        layer = encoder.layers[layer_index]
         normed = layer.layer_norm1(hidden_states[layer_index])  # (P, 1 + N, C)
         query = layer.self_attn.q_proj(normed[:, 0])  # (P, A)
         keys = layer.self_attn.k_proj(normed)  # (P, 1 + N, A)
@@ -411,7 +493,7 @@ class CompressedGenerationMixin:
         newline = self._image_newline().to(tokens.device, tokens.dtype)
         tokens = torch.cat([tokens, newline.expand(num_images, num_newlines, width)], dim=1)  # (I_g, K + R, D)
         tokens = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, width))
-        source = torch.cat([source, source.new_full((num_images, num_newlines), -1)], dim=1).gather(1, order)
+        source = torch.cat([source, source.new_full((num_images, num_newlines), NEWLINE_SOURCE)], dim=1).gather(1, order)
         absorbed = torch.cat([absorbed, absorbed.new_zeros(num_images, num_newlines, absorbed.shape[-1])], dim=1)
         absorbed = absorbed.gather(1, order.unsqueeze(-1).expand(-1, -1, absorbed.shape[-1]))  # (I_g, K + R, M)
         return tokens, TokenPlan(source_index=source, counts=plan.counts + num_newlines), absorbed
@@ -436,8 +518,8 @@ class CompressedGenerationMixin:
         input_ids: (B, L) with each image expanded to its placeholder run; pixel_values: the images in reading
         order ((I, 3, H, W) for LLaVA-1.5; (I, P, 3, H, W) crops with ``image_sizes`` (I, 2) for LLaVA-NeXT);
         attention_mask, labels, guidance_mask: (B, L) or None; guidance_input_ids, guidance_attention_mask: (B, T)
-        the question for the CLIP text tower, or None. pad_left: re-pad side; None keeps the caller's side (left
-        when any row starts with padding).
+        the question for the CLIP text tower, or None. pad_left: re-pad side; None keeps the caller's side (right
+        when any row ends with padding, else left, so every row's last position stays its last real token).
         """
         settings = settings if settings is not None else self.compression_settings()
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
@@ -447,6 +529,10 @@ class CompressedGenerationMixin:
                 f"got {strategy!r}"
             )
         feature_layer = self._vision_feature_layer(vision_feature_layer)
+        attention_layer = self._attention_layer_index(feature_layer, settings) if settings.needs_attention else None
+        self._check_input_shapes(
+            input_ids, attention_mask, labels, guidance_mask, guidance_input_ids, guidance_attention_mask
+        )
         image_token_id = self.config.image_token_id
         is_image = input_ids == image_token_id
         crops, crops_per_image = self._image_crops(pixel_values, image_sizes)
@@ -454,26 +540,36 @@ class CompressedGenerationMixin:
         num_images = len(layouts)
         run_lengths = [layout.token_index.shape[0] for layout in layouts]
         patch_counts = [int((layout.token_index != NEWLINE).sum()) for layout in layouts]  # host tensors
-        # One host sync for validation: clear errors instead of silently misaligned tokens. The same transfer
-        # brings each row's placeholder and real text counts, from which the rebuilt width follows on the host
-        # when the kept counts are fixed (no second sync in pack_sequences).
+
+        vision_tower = self.model.vision_tower
+        hidden_states = vision_tower(
+            crops.to(vision_tower.dtype), output_hidden_states=True, return_dict=True
+        ).hidden_states
+        device = hidden_states[0].device
+        # One host sync for validation: clear errors instead of silently misaligned tokens or a NaN attention that
+        # quietly keeps nothing. It comes after the tower so that the features' finiteness travels with it; the
+        # same transfer brings each row's placeholder and real text counts, from which the rebuilt width follows
+        # on the host when the kept counts are fixed (no second sync in pack_sequences).
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
+        read_states = {feature_layer % len(hidden_states)} | ({attention_layer} if attention_layer is not None else set())
+        non_finite = torch.stack([(~hidden_states[index].isfinite()).any() for index in sorted(read_states)]).any()
         host_counts = torch.cat(
             [
                 torch.stack(
                     [
                         is_image.sum(),
-                        (~real[:, 0]).any().long(),
+                        (~real[:, -1]).any().long(),
                         (is_image & ~real).sum(),
+                        non_finite.long().to(is_image.device),
                     ]
                 ),
                 is_image.sum(dim=1),  # (B,) placeholders per row
                 (real & ~is_image).sum(dim=1),  # (B,) real text tokens per row
             ]
         ).tolist()
-        num_placeholders, starts_with_padding, masked_placeholders = host_counts[:3]
-        row_placeholders = host_counts[3 : 3 + input_ids.shape[0]]
-        row_text = host_counts[3 + input_ids.shape[0] :]
+        num_placeholders, ends_with_padding, masked_placeholders, has_non_finite = host_counts[:4]
+        row_placeholders = host_counts[4 : 4 + input_ids.shape[0]]
+        row_text = host_counts[4 + input_ids.shape[0] :]
         if num_placeholders == 0:
             raise ValueError(
                 f"pixel_values holds {num_images} image(s) but input_ids has no image token "
@@ -485,19 +581,19 @@ class CompressedGenerationMixin:
                 f"input_ids has {num_placeholders} image tokens but pixel_values holds {num_images} image(s) of "
                 f"{per_image} (expected {sum(run_lengths)} image tokens)"
             )
-        if pad_left is None:
-            pad_left = bool(starts_with_padding)
+        if has_non_finite:
+            raise ValueError(
+                "the vision tower's features hold NaN or inf (non-finite pixel_values, or an overflow in this "
+                "dtype); compression cannot rank such tokens. Check pixel_values with torch.isfinite, or load the "
+                "vision tower in float32/bfloat16"
+            )
+        if pad_left is None:  # the caller's side: right only when a row ends with padding
+            pad_left = not ends_with_padding
         tokens_per_image = (
             run_lengths[0]
             if len(set(run_lengths)) == 1
             else torch.tensor(run_lengths, dtype=torch.long, device=input_ids.device)
         )
-
-        vision_tower = self.model.vision_tower
-        hidden_states = vision_tower(
-            crops.to(vision_tower.dtype), output_hidden_states=True, return_dict=True
-        ).hidden_states
-        device = hidden_states[0].device
         crop_image = torch.repeat_interleave(
             torch.arange(num_images, device=device), host_to_device(crops_per_image, device)
         )  # (P,)
@@ -547,11 +643,13 @@ class CompressedGenerationMixin:
         )
         text_embeds = self.get_input_embeddings()(packed.input_ids)  # (B, L', D)
         inputs_embeds = fill_image_slots(text_embeds, image_tokens, packed.image_slot)
+        slot = torch.arange(plan.source_index.shape[1], device=device)  # (K,)
+        synthetic = (slot < plan.counts.unsqueeze(-1)) & (plan.source_index == PADDING_SOURCE)  # (I, K)
         report = CompressionReport(
             method=settings.to_dict(),
             num_patches=absorbed.shape[-1],
             kept_counts=plan.counts,
-            source_index=plan.source_index,
+            source_index=plan.source_index.masked_fill(synthetic, SYNTHETIC_SOURCE),
             absorbed=absorbed,
             patch_counts=host_to_device(patch_counts, device),
             newline_counts=host_to_device([runs - patches for runs, patches in zip(run_lengths, patch_counts)], device),
@@ -588,6 +686,7 @@ class CompressedGenerationMixin:
         return 0
 
     # ---- forward --------------------------------------------------------------------------------------------
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -605,23 +704,27 @@ class CompressedGenerationMixin:
         guidance_mask: torch.Tensor | None = None,
         guidance_input_ids: torch.Tensor | None = None,
         guidance_attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         r"""
         Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first
         and the returned logits, ``labels`` and ``attention_mask`` are at the compressed length (positions are
-        recounted over the rebuilt mask).
+        recounted over the rebuilt mask; the batch keeps the caller's padding side: right when a row ends with
+        padding, else left). So are ``hidden_states`` and ``attentions`` (``output_hidden_states``,
+        ``output_attentions``): one position per token the language model read. ``return_dict=False`` returns
+        the output as a tuple, as stock does. Without ``pixel_values``, or with method ``"none"``, this is exactly
+        the stock call (nothing parsed, graph-safe for ``torch.compile(fullgraph=True)``).
 
-        compression (`dict`, *optional*): settings for this call only, e.g. ``{"method": "cls_attention",
-            "budget": 64}``; defaults to ``config.compression``.
+        compression (`dict`, *optional*): settings for this call, updating ``config.compression``: keys given
+            replace the config's settings of the same method, naming another method starts from its defaults,
+            e.g. ``{"budget": 64}`` or ``{"method": "cls_attention", "budget": 64}``.
         guidance_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on the question's
             tokens, for text-guided methods (the processor makes it); defaults to every text token of the prompt.
         guidance_input_ids, guidance_attention_mask (`torch.Tensor` of shape `(batch_size, guidance_length)`,
             *optional*): the question tokenized for the CLIP text tower (``guidance="clip"``; the processor makes
             them). An all-zero mask row means the prompt has no question.
         """
-        settings = self.compression_settings(compression)
-        if pixel_values is None or settings.method == "none":
+        if pixel_values is None or self._compression_method(compression) == "none":
             return super().forward(
                 input_ids=input_ids,
                 pixel_values=pixel_values,
@@ -636,6 +739,7 @@ class CompressedGenerationMixin:
                 image_sizes=image_sizes,
                 **kwargs,
             )
+        settings = self.compression_settings(compression)
         if input_ids is None or inputs_embeds is not None:
             raise ValueError(
                 "compression needs input_ids (to find the image placeholders) and no inputs_embeds; "
@@ -670,6 +774,7 @@ class CompressedGenerationMixin:
             inputs_embeds=batch.inputs_embeds,
             labels=packed.labels,
             logits_to_keep=logits_to_keep,
+            return_dict=True,
             **kwargs,
         )
         return LlavaRCCausalLMOutputWithPast(
@@ -690,13 +795,25 @@ class CompressedGenerationMixin:
         r"""Stock ``generate()`` with the image tokens compressed once, before the prefill.
 
         The returned sequences start with the caller's own ``input_ids``, so ``out[:, input_ids.shape[1]:]`` is
-        exactly the new text. With ``return_dict_in_generate=True`` the output also carries ``compression``
-        (a `CompressionReport`). Streamers see the compressed prompt first. Absolute ``max_length``/``min_length``
-        keep their meaning relative to the caller's prompt.
+        exactly the new text. With ``return_dict_in_generate=True`` the output also carries ``compression``: a
+        `CompressionReport`, or None when nothing was compressed (no images, or method ``"none"``). Streamers see
+        the compressed prompt first. Absolute ``max_length``/``min_length`` keep their meaning relative to the
+        caller's prompt.
 
-        compression (`dict`, *optional*): settings for this call only; defaults to ``config.compression``.
+        The returned ``past_key_values`` of a compressed call hold the compressed prompt, not ``out.sequences``:
+        passing them back to continue is refused with a ValueError. Continue with ``generate(input_ids=
+        out.sequences, pixel_values=..., attention_mask=...)`` without the cache (the prompt is compressed again).
+
+        compression (`dict`, *optional*): settings for this call, updating ``config.compression`` (keys given
+            replace the config's settings of the same method; naming another method starts from its defaults).
         """
-        settings = self.compression_settings(compression)
+        if getattr(kwargs.get("past_key_values"), COMPRESSED_CACHE_FLAG, False):
+            raise ValueError(
+                "past_key_values come from a compressed generate(): they hold the compressed prompt, which no longer "
+                "lines up with out.sequences. Continue without the cache: generate(input_ids=out.sequences, "
+                "pixel_values=..., attention_mask=...) compresses the images again"
+            )
+        settings = self.compression_settings(compression)  # parsed once per call, never per decoding step
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None or settings.method == "none":
@@ -704,8 +821,11 @@ class CompressedGenerationMixin:
                 kwargs.pop(name, None)
             if pixel_values is not None:
                 # forward() sees the per-call settings too, so a "none" override stays off in the prefill.
-                kwargs["compression"] = settings.to_dict()
-            return super().generate(input_ids, **kwargs)
+                kwargs["compression"] = {"method": "none"}
+            outputs = super().generate(input_ids, **kwargs)
+            if not isinstance(outputs, torch.Tensor):
+                outputs.compression = None
+            return outputs
         if input_ids is None or kwargs.get("inputs_embeds") is not None:
             raise ValueError("compression needs input_ids (to find the image placeholders) and no inputs_embeds")
         if kwargs.get("assistant_model") is not None:
@@ -742,6 +862,8 @@ class CompressedGenerationMixin:
             return restored
         outputs.sequences = restored
         outputs["compression"] = batch.report
+        if getattr(outputs, "past_key_values", None) is not None:
+            setattr(outputs.past_key_values, COMPRESSED_CACHE_FLAG, True)
         return outputs
 
     def _shift_absolute_lengths(self, kwargs: dict, delta: int) -> None:
@@ -760,6 +882,9 @@ class CompressedGenerationMixin:
 
 __all__ = [
     "NEWLINE",
+    "NEWLINE_SOURCE",
+    "PADDING_SOURCE",
+    "SYNTHETIC_SOURCE",
     "CompressedGenerationMixin",
     "CompressionReport",
     "ImageLayout",

@@ -16,6 +16,7 @@ excluded. Such tokens come from several vision-encoder crops, each with its own 
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -108,8 +109,8 @@ def resolve_budget(budget: int | float, num_patches: int) -> int:
     """
     if isinstance(budget, bool):
         raise ValueError(f"budget must be an int count or a float ratio, got {budget!r}")
-    if isinstance(budget, int):
-        return max(1, min(budget, num_patches))
+    if isinstance(budget, numbers.Integral):
+        return max(1, min(int(budget), num_patches))
     return max(1, min(num_patches, math.floor(budget * num_patches + 1e-9)))
 
 
@@ -117,11 +118,11 @@ def validate_budget(budget, *, allow_none: bool = True) -> None:
     """Raise ValueError unless ``budget`` is None (when allowed), an int >= 1, or a float in (0, 1]."""
     if budget is None and allow_none:
         return
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Integral, numbers.Real)):
         raise ValueError(f"budget must be an int >= 1 (tokens per image) or a float in (0, 1] (ratio), got {budget!r}")
-    if isinstance(budget, int) and budget < 1:
+    if isinstance(budget, numbers.Integral) and budget < 1:
         raise ValueError(f"budget as a token count must be >= 1, got {budget}")
-    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+    if not isinstance(budget, numbers.Integral) and not 0.0 < budget <= 1.0:
         raise ValueError(f"budget as a ratio must be in (0, 1], got {budget}")
 
 
@@ -258,9 +259,11 @@ def check_choice(name: str, value, allowed) -> None:
 
 
 def check_range(name: str, value, low=None, high=None, *, integer: bool = False) -> None:
-    """Raise ValueError unless ``low <= value <= high`` (and an int when ``integer``)."""
-    kinds = (int,) if integer else (int, float)
+    """Raise ValueError unless ``low <= value <= high`` (and an int when ``integer``; finite in any case)."""
+    kinds = (numbers.Integral,) if integer else (numbers.Real,)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ValueError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")

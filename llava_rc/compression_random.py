@@ -17,7 +17,7 @@ class RandomConfig(MethodConfig):
     """Settings of ``"random"``.
 
     budget: tokens kept per image, an int count or a float ratio of the patches.
-    seed: chooses the subset.
+    seed: chooses the subset, an int in [0, 2**64 - 1] (the range of ``torch.Generator.manual_seed``).
     """
 
     method = "random"
@@ -27,7 +27,7 @@ class RandomConfig(MethodConfig):
 
     def __post_init__(self):
         validate_budget(self.budget, allow_none=False)
-        check_range("seed", self.seed, low=0, integer=True)
+        check_range("seed", self.seed, low=0, high=2**64 - 1, integer=True)
 
 
 @torch.no_grad()

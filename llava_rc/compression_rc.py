@@ -2,7 +2,7 @@
 
 For each image, with ``a`` the [CLS] attention to the N patches (one softmax over [CLS] + patches with all heads
 concatenated, as the released code computes it) and ``s`` the text scores (cosine of each patch to the question,
-divided by sqrt(guidance_dim)); ``LOF_k(v)`` counts the values of ``v`` that the Local Outlier Factor with ``k``
+divided by sqrt(``text_scale_dim`` or guidance_dim), see "Text scale" below); ``LOF_k(v)`` counts the values of ``v`` that the Local Outlier Factor with ``k``
 neighbours flags (``compression_lof``), and ``r = LOF_k(v) / len(v)`` is RC's dynamic ratio:
 
 1. Visual keep: ``n_v = floor(N * r(a; lof_neighbors_visual))`` = ``LOF(a)``; ``I_v`` = the top ``n_v`` by ``a``.
@@ -12,11 +12,15 @@ neighbours flags (``compression_lof``), and ``r = LOF_k(v) / len(v)`` is RC's dy
    the prompt has no question or no text scores are given (``guidance=None``).
 3. Kept tokens ``I_v | I_t`` in raster order.
 4. Merge: of the remaining patches R, ``n_c = floor(|R| * r(a_R; lof_neighbors_merge))`` with the highest ``a``
-   become cluster centres. Each centre absorbs its ``merge_neighbors`` best non-centre remaining patches by
+   become cluster centres. Each centre absorbs its ``merge_neighbors`` best candidates by
    ``cosine(key_centre, key_m) + text_weight * s_m`` (text term 0 without text; all of them when fewer exist):
-   ``x_centre + sum_m a_m x_m``, unnormalised as released. Candidates are chosen independently per centre (an
-   independent top-k per centre in the released code too), so one patch may feed several centres.
+   ``x_centre + sum_m a_m x_m``, unnormalised as released. A centre's candidates are the other remaining patches,
+   other centres included, as released (``centre_candidates="released"``), or only the non-centre ones
+   (``"non_centres"``). Candidates are chosen independently per centre (an independent top-k per centre in the
+   released code too), so one patch may feed several centres.
 5. One extra token ``sum_m a_m x_m`` over all non-centre remaining patches; dropped with R when ``n_c = 0``.
+6. At least one token per image: when steps 1-4 choose nothing (no LOF outlier anywhere: flat attention, very few
+   patches), the top patch by ``a`` is kept alone (no recovery, centres or extra token).
 
 Output per image: [kept (raster order); centres (descending ``a``); extra token]; ties in every ranking go to the
 lower patch index. Floors are taken in exact integer arithmetic (``floor(N * count / N) == count``).
@@ -30,11 +34,27 @@ proportions of the adaptive plan. The adaptive counts ``n_v, n_t, n_c`` are comp
   steps 1-4, so visual tokens beyond ``n_v`` are the next by ``a`` and a trim drops the lowest-ranked first. At
   least two patches always remain for the extra token, so none is lost.
 
-Deviations from the released code (bugs fixed):
+Text scale. The released code divides the text cosine by a hard-coded sqrt(768), the width of the CLIP embedding
+its ``"clip"`` guidance compares. We divide by sqrt(``text_scale_dim``), by default the guidance width
+(``guidance_dim``), so the released rule holds for any tower. The effective weight of the cosine in a centre's
+candidate score is ``text_weight / sqrt(dim)``: for LLaVA-1.5 with ``"clip"`` (768 wide) 50 / 27.7 = 1.80, the
+released balance exactly; with ``"llm"`` (our option, not in the release; 4096 wide for 7B) 50 / 64 = 0.78, 2.3x
+less weight on the text. Decision: the default stays ``guidance_dim`` (the released rule, and the trained shipped
+model's setting); ``text_scale_dim=768`` reproduces the released constant for ``"llm"`` or any other tower. The
+scale does not change which tokens are recovered (LOF and the ranking are scale-free) but only the merge.
+
+Where we deviate from the released code (bugs fixed; each keeps the counts the release meant):
 - the number of centres is taken from the remaining tokens |R|, not from the feature (channel) dimension;
 - keys of the remaining tokens are gathered with their patch indices, not R-relative indices into the full keys;
-- LOF and the merge run on the device, vectorised (torch LOF instead of sklearn on the CPU; no per-centre loop);
+- an image whose plan would be empty keeps its top patch (step 6) instead of vanishing from the prompt;
+- LOF and the merge run on the device, vectorised (torch LOF in O(N log N + N k) instead of sklearn on the CPU;
+  centre x patch similarities for all centres at once instead of a per-centre loop);
 - any batch size (counts differ per image; padded to the largest count), not batch size 1 only.
+Released behaviour kept by default, with our alternative as an option:
+- ``centre_candidates="released"`` (default): a centre may absorb another centre, whose vector then counts in both
+  (kept counts and sets are the same either way; merged vectors differ, by ~1e-2 relative at 576 patches and up to
+  ~30% at 16). ``"non_centres"`` draws each centre's candidates from the non-centre remaining patches only, so every
+  patch outside the kept set feeds the centres through the patches that are not themselves output tokens.
 """
 
 import math
@@ -59,6 +79,11 @@ class RCConfig(MethodConfig):
     lof_neighbors_merge: LOF neighbours for the number of cluster centres among the remaining tokens (paper: 10).
     merge_neighbors: remaining tokens each cluster centre absorbs (paper: 32).
     text_weight: weight of the text score next to the key cosine when a centre picks its tokens (released: 50).
+    text_scale_dim: the text cosine is divided by sqrt(text_scale_dim); None = the guidance width (released rule;
+        768, the released constant, for LLaVA-1.5 with ``"clip"``). Set 768 to reproduce the release's balance
+        with ``"llm"`` guidance (module docstring, "Text scale").
+    centre_candidates: ``"released"`` (a centre's merge candidates are all other remaining patches, other centres
+        included, as released) or ``"non_centres"`` (only the remaining patches that are not centres).
     cls_attention_layer: vision layer whose [CLS] attention is read; None = the layer that reads the feature
         layer's output (for LLaVA's feature layer -2, the last layer, as released).
     budget: None = the adaptive count per image (the paper); an int count or a float ratio of the patches =
@@ -75,6 +100,8 @@ class RCConfig(MethodConfig):
     lof_neighbors_merge: int = 10
     merge_neighbors: int = 32
     text_weight: float = 50.0
+    text_scale_dim: int | None = None
+    centre_candidates: str = "released"
     cls_attention_layer: int | None = None
     budget: int | float | None = None
 
@@ -86,6 +113,9 @@ class RCConfig(MethodConfig):
         check_range("lof_neighbors_merge", self.lof_neighbors_merge, 1, None, integer=True)
         check_range("merge_neighbors", self.merge_neighbors, 1, None, integer=True)
         check_range("text_weight", self.text_weight, 0.0, None)
+        if self.text_scale_dim is not None:
+            check_range("text_scale_dim (or None for the guidance width)", self.text_scale_dim, 1, None, integer=True)
+        check_choice("centre_candidates", self.centre_candidates, {"released", "non_centres"})
         if self.cls_attention_layer is not None:
             check_range("cls_attention_layer", self.cls_attention_layer, integer=True)
         validate_budget(self.budget, allow_none=True)
@@ -96,16 +126,22 @@ def _descending_rank(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tens
 
     Ineligible patches rank after all eligible ones, so ``rank < count`` selects the top ``count`` eligible.
     """
+    return _descending_order_and_rank(scores, eligible)[1]
+
+
+def _descending_order_and_rank(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((I, N) patch at each place, (I, N) place of each patch), as in ``_descending_rank``."""
     order = stable_descending_order(scores.masked_fill(~eligible, float("-inf")))  # (I, N) patch per place
     places = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)  # (I, N)
-    return torch.empty_like(order).scatter_(1, order, places)
+    return order, torch.empty_like(order).scatter_(1, order, places)
 
 
 def _text_guidance(inputs: CompressionInputs, config: RCConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(scores (I, N) float32 = cosine / sqrt(guidance_dim), has_text (I,) bool), or None without text scores."""
+    """(scores (I, N) float32 = cosine / sqrt(text_scale_dim or guidance_dim), has_text (I,) bool), or None."""
     if config.guidance is None or inputs.text_scores is None:
         return None
-    scores = inputs.text_scores.float() / math.sqrt(inputs.guidance_dim)  # (I, N)
+    scale_dim = config.text_scale_dim if config.text_scale_dim is not None else inputs.guidance_dim
+    scores = inputs.text_scores.float() / math.sqrt(scale_dim)  # (I, N)
     has_text = inputs.has_text
     if has_text is None:
         has_text = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
@@ -169,6 +205,9 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
 
     # 4. Cluster centres: the attention outliers among the remaining patches.
     centre_count = lof_outlier_count(attention, ~(visual | recovered), config.lof_neighbors_merge)  # (I,)
+    # 6. At least one token per image: an empty plan keeps the top patch by attention (nothing was recovered).
+    visual_count = visual_count + ((visual_count + recovered_count + centre_count) == 0).long()  # (I,)
+    visual = attention_rank < visual_count.unsqueeze(-1)  # (I, N)
     extra_count = (centre_count > 0).long()  # (I,) the extra token goes with R when there is no centre
     if config.budget is not None:
         budget_tokens = resolve_budget(config.budget, num_patches)
@@ -179,31 +218,46 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
         recovered = _recover(text, visual, recovered_count)
     kept = visual | recovered  # (I, N)
     remaining = ~kept
-    centre_rank = _descending_rank(attention, remaining)  # (I, N)
+    centre_order, centre_rank = _descending_order_and_rank(attention, remaining)  # (I, N) each
     centre = centre_rank < centre_count.unsqueeze(-1)  # (I, N)
     absorbed = remaining & ~centre  # (I, N) non-centre remaining patches
     with_extra = absorbed & (extra_count > 0).unsqueeze(-1)  # (I, N) patches summed into the extra token
-
-    # Each centre's candidates: key cosine + text_weight * text score over the non-centre remaining patches.
-    keys = torch.nn.functional.normalize(inputs.patch_keys.float(), dim=-1)  # (I, N, A)
-    candidate_scores = keys @ keys.transpose(1, 2)  # (I, N, N) centre x candidate cosine
-    if text is not None:
-        scores, has_text = text
-        text_term = config.text_weight * scores.where(has_text.unsqueeze(-1), 0.0)  # (I, N)
-        candidate_scores = candidate_scores + text_term.unsqueeze(1)
-    candidate_scores = candidate_scores.masked_fill(~absorbed.unsqueeze(1), float("-inf"))
-    num_candidates = min(config.merge_neighbors, num_patches)
-    # Stable top-k: equal scores go to the lower patch index.
-    candidates = stable_topk_indices(candidate_scores, num_candidates, largest=True)  # (I, N, M) only centre rows used
-    is_candidate = absorbed.gather(1, candidates.flatten(1)).view_as(candidates) & centre.unsqueeze(-1)  # (I, N, M)
 
     # Output rows: kept in raster order, then centres by descending attention, then the extra token.
     kept_count = kept.sum(dim=-1)  # (I,)
     counts = kept_count + centre_count + extra_count  # (I,)
     if config.budget is not None:  # every image has exactly the budget: known on the host, no sync
         max_count = resolve_budget(config.budget, num_patches) if num_images else 0
+        # One slot is the extra token's, so B - 1 bounds every centre count (no centres when B is 1 or all of N).
+        max_centres = max_count - 1 if 1 < max_count < num_patches else 0
+    elif num_images:
+        max_count, max_centres = torch.stack([counts.max(), centre_count.max()]).tolist()  # the one host sync
     else:
-        max_count = int(counts.max()) if num_images else 0  # the one host sync
+        max_count = max_centres = 0
+
+    # Each centre's candidates: key cosine + text_weight * text score, only for the centres: (I, C, N), C the most
+    # centres of any image, never (I, N, N).
+    centre_patch = centre_order[:, :max_centres]  # (I, C) patch of each centre place
+    is_centre_slot = torch.arange(centre_patch.shape[1], device=device) < centre_count.unsqueeze(-1)  # (I, C)
+    keys = torch.nn.functional.normalize(inputs.patch_keys.float(), dim=-1)  # (I, N, A)
+    centre_keys = keys.gather(1, centre_patch.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))  # (I, C, A)
+    candidate_scores = centre_keys @ keys.transpose(1, 2)  # (I, C, N) centre x patch cosine
+    if text is not None:
+        scores, has_text = text
+        text_term = config.text_weight * scores.where(has_text.unsqueeze(-1), 0.0)  # (I, N)
+        candidate_scores = candidate_scores + text_term.unsqueeze(1)
+    if config.centre_candidates == "released":  # every other remaining patch, other centres included
+        patch_index = torch.arange(num_patches, device=device)  # (N,)
+        pool = remaining.unsqueeze(1) & (patch_index != centre_patch.unsqueeze(-1))  # (I, C, N)
+    else:
+        pool = absorbed.unsqueeze(1)  # (I, 1, N)
+    candidate_scores = candidate_scores.masked_fill(~pool, float("-inf"))
+    num_candidates = min(config.merge_neighbors, num_patches)
+    # Stable top-k: equal scores go to the lower patch index.
+    candidates = stable_topk_indices(candidate_scores, num_candidates, largest=True)  # (I, C, M)
+    pool = pool.expand(-1, centre_patch.shape[1], -1)  # (I, C, N)
+    is_candidate = pool.gather(-1, candidates) & is_centre_slot.unsqueeze(-1)  # (I, C, M)
+
     spare_row = max_count  # rows written here are dropped
     kept_row = kept.long().cumsum(dim=-1) - 1  # (I, N)
     centre_row = kept_count.unsqueeze(-1) + centre_rank  # (I, N)
@@ -216,10 +270,11 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
 
     merge_weights = torch.zeros(num_images, max_count + 1, num_patches, device=device)  # (I, K + 1, N)
     merge_weights.scatter_(1, row.unsqueeze(1), own_weight.unsqueeze(1))
-    # Each absorbed patch adds a_m in its centre's row; non-centre rows and non-candidates go to the spare row.
-    candidate_row = torch.where(is_candidate, row.unsqueeze(-1), spare_row)  # (I, N, M)
-    flat_index = candidate_row * num_patches + candidates  # (I, N, M) into the (K + 1) * N flattened weights
-    candidate_weight = attention.gather(1, candidates.flatten(1)).view_as(candidates) * is_candidate  # (I, N, M)
+    # Each absorbed patch adds a_m in its centre's row; empty centre slots and non-candidates go to the spare row.
+    centre_slot_row = kept_count.unsqueeze(-1) + torch.arange(centre_patch.shape[1], device=device)  # (I, C)
+    candidate_row = torch.where(is_candidate, centre_slot_row.unsqueeze(-1), spare_row)  # (I, C, M)
+    flat_index = candidate_row * num_patches + candidates  # (I, C, M) into the (K + 1) * N flattened weights
+    candidate_weight = attention.gather(1, candidates.flatten(1)).view_as(candidates) * is_candidate  # (I, C, M)
     merge_weights.view(num_images, -1).scatter_add_(1, flat_index.flatten(1), candidate_weight.flatten(1))
 
     source_row = torch.where(kept | centre, row, spare_row)  # (I, N)

@@ -5,6 +5,7 @@ function, and one row here.
 """
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,7 +40,8 @@ METHODS: dict[str, tuple[type[MethodConfig], Callable | None]] = {
 def parse_compression(settings: dict | MethodConfig | None) -> MethodConfig:
     """Validate compression settings (``{"method": name, **params}``) into that method's config.
 
-    Raises ValueError naming an unknown method or key, or a value out of range, and the allowed values.
+    Raises ValueError naming an unknown method or key, or a value out of range, and the allowed values; TypeError
+    for a method name that is not a string. numpy integers and floats are accepted as Python numbers.
     """
     if settings is None:
         return NoCompressionConfig()
@@ -47,8 +49,12 @@ def parse_compression(settings: dict | MethodConfig | None) -> MethodConfig:
         return settings
     if not isinstance(settings, dict):
         raise ValueError(f"compression must be a dict like {{'method': 'rc', ...}}, got {type(settings).__name__}")
-    params = dict(settings)
+    params = {name: _plain_number(value) for name, value in settings.items()}
     method = params.pop("method", None)
+    if not isinstance(method, str):
+        raise TypeError(
+            f"compression method must be a str, one of {sorted(METHODS)}; got {type(method).__name__} {method!r}"
+        )
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; expected one of {sorted(METHODS)}")
     config_class, _ = METHODS[method]
@@ -59,6 +65,38 @@ def parse_compression(settings: dict | MethodConfig | None) -> MethodConfig:
             f"unknown setting(s) {unknown} for compression method {method!r}; allowed: {sorted(allowed) or 'none'}"
         )
     return config_class(**params)
+
+
+def update_compression(base: dict | MethodConfig | None, update: dict | MethodConfig | None) -> MethodConfig:
+    """The settings of one call: ``update`` applied to ``base`` (the model config's settings), validated.
+
+    The rule of ``generate(**kwargs)`` over ``generation_config``: keys given in ``update`` replace the base's
+    settings of the same method and keep the rest (``{"budget": 16}`` on an RC config stays RC with its guidance);
+    naming another method starts from that method's defaults (``{"method": "gprune"}`` is G-Prune as registered).
+    A ``MethodConfig`` given as ``update`` is complete and is used as it is. None: the base alone.
+    """
+    if isinstance(update, MethodConfig):
+        return update
+    base_config = parse_compression(base)
+    if update is None:
+        return base_config
+    if not isinstance(update, dict):
+        raise ValueError(f"compression must be a dict like {{'method': 'rc', ...}}, got {type(update).__name__}")
+    method = update.get("method", base_config.method)
+    if method == base_config.method:
+        return parse_compression({**base_config.to_dict(), **update})
+    return parse_compression({**update, "method": method})
+
+
+def _plain_number(value):
+    """numpy (or other) integers and reals as Python int/float, so configs stay plain JSON; others unchanged."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def method_function(config: MethodConfig) -> Callable | None:

@@ -67,6 +67,7 @@ class LlavaRCForConditionalGeneration(CompressedGenerationMixin, LlavaForConditi
 
     def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
         """One crop per image: pixel_values (I, 3, H, W) as they are."""
+        self._check_pixel_values(pixel_values, (("num_images",),))
         return pixel_values, [1] * pixel_values.shape[0]
 
     def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:
@@ -97,10 +98,14 @@ class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextFo
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs image_sizes (I, 2), the (height, width) of each image; the processor "
                              "returns them")
-        return image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(size) for size in image_sizes]
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(size) for size in image_sizes]
+        if any(len(size) != 2 for size in sizes):
+            raise ValueError(f"image_sizes must be (num_images, 2) (height, width) pairs, got {sizes}")
+        return sizes
 
     def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
         """pixel_values (I, P_max, 3, H, W) padded crops (or (sum P_i, 3, H, W)) -> (sum P_i, 3, H, W)."""
+        self._check_pixel_values(pixel_values, (("num_images", "max_crops"), ("total_crops",)))
         sizes = self._image_sizes_list(image_sizes)
         crops_per_image = [
             image_size_to_num_patches(
@@ -112,7 +117,15 @@ class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextFo
         ]
         if pixel_values.dim() == 5:
             if pixel_values.shape[0] != len(sizes):
-                raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images, image_sizes {len(sizes)}")
+                raise ValueError(
+                    f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(sizes)}; expected one "
+                    "(height, width) per image"
+                )
+            if pixel_values.shape[1] < max(crops_per_image):
+                raise ValueError(
+                    f"pixel_values has {pixel_values.shape[1]} crops per image but image_sizes {sizes} need "
+                    f"{crops_per_image} (base view + grid crops of the best-fitting image_grid_pinpoints)"
+                )
             crops = torch.cat([images[:count] for images, count in zip(pixel_values, crops_per_image)])
         elif pixel_values.dim() == 4 and pixel_values.shape[0] == sum(crops_per_image):
             crops = pixel_values

@@ -7,7 +7,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from llava_rc.compression_common import CompressionInputs, apply_plan, cls_attention, resolve_budget
+from llava_rc.compression_common import CompressionInputs, TokenPlan, apply_plan, cls_attention, resolve_budget
+from llava_rc.compression_common import stable_descending_order, stable_topk_indices
+from llava_rc.compression_lof import lof_outlier_count
 from llava_rc.compression_rc import RCConfig, compress_rc
 from llava_rc.compression_registry import parse_compression
 
@@ -60,15 +62,20 @@ def dynamic_ratio(values: torch.Tensor, n_neighbors: int) -> Fraction:
 
 
 def reference_rc(inputs: CompressionInputs, config: RCConfig) -> list[tuple[list[int], list[torch.Tensor]]]:
-    """The adaptive algorithm step by step, one image and one centre at a time: (sources, output vectors)."""
+    """The adaptive algorithm step by step, one image and one centre at a time: (sources, output vectors).
+
+    Transcribed from the released algorithm's description (module docstring, /work/shared/METHODS.md): with
+    ``centre_candidates="released"`` a centre picks from every other remaining patch, other centres included.
+    """
     attention_all = cls_attention(inputs, per_head=False)
+    scale_dim = config.text_scale_dim if config.text_scale_dim is not None else inputs.guidance_dim
     outputs = []
     for image in range(inputs.num_images):
         features = inputs.features[image].double()
         attention = attention_all[image]
         num_patches = len(attention)
         use_text = config.guidance is not None and inputs.text_scores is not None and bool(inputs.has_text[image])
-        scores = inputs.text_scores[image].float() / math.sqrt(inputs.guidance_dim)
+        scores = inputs.text_scores[image].float() / math.sqrt(scale_dim)
 
         def by_attention(patch):
             return (-attention[patch].item(), patch)
@@ -86,6 +93,10 @@ def reference_rc(inputs: CompressionInputs, config: RCConfig) -> list[tuple[list
         kept = sorted(visual + recovered)
         remaining = [patch for patch in range(num_patches) if patch not in kept]
         centre_count = math.floor(len(remaining) * dynamic_ratio(attention[remaining], config.lof_neighbors_merge))
+        if not kept and centre_count == 0:  # nothing chosen: the top patch by attention alone
+            top = sorted(range(num_patches), key=by_attention)[0]
+            outputs.append(([top], [features[top]]))
+            continue
         centres = sorted(remaining, key=by_attention)[:centre_count]
         absorbed = [patch for patch in remaining if patch not in centres]
 
@@ -98,7 +109,11 @@ def reference_rc(inputs: CompressionInputs, config: RCConfig) -> list[tuple[list
                 text = config.text_weight * scores[patch] if use_text else 0.0
                 return (-(cosine + text).item(), patch)
 
-            chosen = sorted(absorbed, key=candidate_score)[: config.merge_neighbors]
+            if config.centre_candidates == "released":
+                pool = [patch for patch in remaining if patch != centre]
+            else:
+                pool = absorbed
+            chosen = sorted(pool, key=candidate_score)[: config.merge_neighbors]
             sources.append(centre)
             vectors.append(features[centre] + sum(attention[patch].double() * features[patch] for patch in chosen))
         if centre_count > 0:
@@ -130,6 +145,10 @@ def assert_matches_reference(inputs: CompressionInputs, config: RCConfig):
         (3, 81, RCConfig(guidance=None), False),
         (3, 64, RCConfig(text_weight=0.0, lof_neighbors_visual=10), True),  # exact ties: lower index first
         (2, 576, RCConfig(), False),
+        (3, 100, RCConfig(centre_candidates="non_centres"), False),
+        (3, 64, RCConfig(centre_candidates="non_centres", text_weight=0.0, lof_neighbors_visual=10), True),
+        (2, 144, RCConfig(text_scale_dim=768), False),
+        (3, 16, RCConfig(merge_neighbors=4, lof_neighbors_merge=3), False),
     ],
 )
 def test_matches_loop_reference(num_images, num_patches, config, tied):
@@ -232,6 +251,11 @@ def test_bfloat16_inputs():
         {"lof_neighbors_merge": True},
         {"merge_neighbors": -1},
         {"text_weight": -1.0},
+        {"text_weight": float("nan")},
+        {"text_weight": float("inf")},
+        {"text_scale_dim": 0},
+        {"text_scale_dim": 768.0},
+        {"centre_candidates": "all"},
         {"cls_attention_layer": "last"},
         {"budget": 0},
         {"budget": 1.5},
@@ -247,3 +271,156 @@ def test_registered():
     config = parse_compression({"method": "rc", "guidance": None, "budget": 64})
     assert isinstance(config, RCConfig) and config.budget == 64 and config.guidance_source is None
     assert RCConfig().to_dict()["method"] == "rc"
+
+
+def dense_compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
+    """The previous implementation, kept as the reference for the merge: an (I, N, N) key-cosine matrix of which
+    only the centre rows are used; candidates are the non-centre remaining patches; an empty plan stays empty."""
+    attention = cls_attention(inputs, per_head=False)  # (I, N)
+    num_images, num_patches = attention.shape
+
+    def rank(scores, eligible):
+        order = stable_descending_order(scores.masked_fill(~eligible, float("-inf")))
+        return torch.empty_like(order).scatter_(1, order, torch.arange(num_patches).expand_as(order))
+
+    text = None
+    if config.guidance is not None and inputs.text_scores is not None:
+        text = (inputs.text_scores.float() / math.sqrt(inputs.guidance_dim), inputs.has_text)
+
+    def recover(visual, count):
+        if text is None:
+            return torch.zeros_like(visual)
+        return rank(text[0], ~visual) < count.unsqueeze(-1)
+
+    attention_rank = rank(attention, torch.ones_like(attention, dtype=torch.bool))
+    visual_count = lof_outlier_count(attention, None, config.lof_neighbors_visual)
+    visual = attention_rank < visual_count.unsqueeze(-1)
+    recovered_count = torch.zeros_like(visual_count)
+    if text is not None:
+        scores, has_text = text
+        replaced = scores.where(~visual, scores.min(dim=-1, keepdim=True).values)
+        text_outliers = lof_outlier_count(replaced, None, config.lof_neighbors_text)
+        recovered_count = ((num_patches - visual_count) * text_outliers // num_patches).where(has_text, 0)
+    recovered = recover(visual, recovered_count)
+    centre_count = lof_outlier_count(attention, ~(visual | recovered), config.lof_neighbors_merge)
+    extra_count = (centre_count > 0).long()
+    if config.budget is not None:
+        from llava_rc.compression_rc import _budget_counts
+
+        visual_count, recovered_count, centre_count, extra_count = _budget_counts(
+            resolve_budget(config.budget, num_patches), num_patches, visual_count, recovered_count, centre_count
+        )
+        visual = attention_rank < visual_count.unsqueeze(-1)
+        recovered = recover(visual, recovered_count)
+    kept = visual | recovered
+    remaining = ~kept
+    centre_rank = rank(attention, remaining)
+    centre = centre_rank < centre_count.unsqueeze(-1)
+    absorbed = remaining & ~centre
+    with_extra = absorbed & (extra_count > 0).unsqueeze(-1)
+    keys = torch.nn.functional.normalize(inputs.patch_keys.float(), dim=-1)
+    candidate_scores = keys @ keys.transpose(1, 2)  # (I, N, N)
+    if text is not None:
+        scores, has_text = text
+        candidate_scores = candidate_scores + (config.text_weight * scores.where(has_text.unsqueeze(-1), 0.0)).unsqueeze(1)
+    candidate_scores = candidate_scores.masked_fill(~absorbed.unsqueeze(1), float("-inf"))
+    candidates = stable_topk_indices(candidate_scores, min(config.merge_neighbors, num_patches), largest=True)
+    is_candidate = absorbed.gather(1, candidates.flatten(1)).view_as(candidates) & centre.unsqueeze(-1)
+    kept_count = kept.sum(dim=-1)
+    counts = kept_count + centre_count + extra_count
+    max_count = int(counts.max())
+    kept_row = kept.long().cumsum(dim=-1) - 1
+    row = torch.full_like(kept_row, max_count)
+    row = torch.where(with_extra, (kept_count + centre_count).unsqueeze(-1).expand(-1, num_patches), row)
+    row = torch.where(centre, kept_count.unsqueeze(-1) + centre_rank, row)
+    row = torch.where(kept, kept_row, row)
+    own_weight = torch.where(kept | centre, 1.0, torch.where(with_extra, attention, 0.0))
+    merge_weights = torch.zeros(num_images, max_count + 1, num_patches)
+    merge_weights.scatter_(1, row.unsqueeze(1), own_weight.unsqueeze(1))
+    candidate_row = torch.where(is_candidate, row.unsqueeze(-1), max_count)
+    candidate_weight = attention.gather(1, candidates.flatten(1)).view_as(candidates) * is_candidate
+    merge_weights.view(num_images, -1).scatter_add_(
+        1, (candidate_row * num_patches + candidates).flatten(1), candidate_weight.flatten(1)
+    )
+    source_index = torch.full((num_images, max_count + 1), -1, dtype=torch.long)
+    source_index.scatter_(1, torch.where(kept | centre, row, max_count), torch.arange(num_patches).expand_as(row))
+    return TokenPlan(source_index=source_index[:, :max_count], counts=counts, merge_weights=merge_weights[:, :max_count])
+
+
+@pytest.mark.parametrize("num_images, num_patches, width", [(1, 576, 16), (8, 576, 8), (2, 1152, 8), (3, 100, 32)])
+def test_centre_merge_equals_dense_reference(num_images, num_patches, width):
+    """The merge from centre x patch similarities gives bit-identical plans to the (I, N, N) version."""
+    compared = 0
+    for seed in range(3):
+        for tied in [False, True]:
+            inputs = random_inputs(num_images, num_patches, width=width, seed=seed, tied=tied)
+            for budget in [None, 16, 0.25]:
+                for guidance in ["llm", None]:
+                    settings = {"budget": budget, "guidance": guidance}
+                    expected = dense_compress_rc(inputs, RCConfig(**settings))
+                    if (expected.counts == 0).any():  # the old empty plan; the new one keeps a token (own test)
+                        continue
+                    plan = compress_rc(inputs, RCConfig(centre_candidates="non_centres", **settings))
+                    assert torch.equal(plan.counts, expected.counts), settings
+                    assert torch.equal(plan.source_index, expected.source_index), settings
+                    assert torch.equal(plan.merge_weights, expected.merge_weights), settings
+                    compared += 1
+    assert compared >= 30
+
+
+def test_released_candidates_change_only_the_merged_vectors():
+    """Released candidates (other centres included) vs non-centres: same counts and sources, and some centre
+    absorbs another centre, so the merge weights differ there; kept rows and the extra token are the same."""
+    inputs = random_inputs(4, 144, seed=9)
+    released = compress_rc(inputs, RCConfig())
+    ours = compress_rc(inputs, RCConfig(centre_candidates="non_centres"))
+    assert torch.equal(released.counts, ours.counts) and torch.equal(released.source_index, ours.source_index)
+    centre_rows = released.source_index >= 0
+    absorbs_centre = False
+    for image in range(inputs.num_images):
+        sources = released.source_index[image, : int(released.counts[image])]
+        centres = sources[(sources >= 0) & (released.merge_weights[image, : len(sources)].count_nonzero(-1) > 1)]
+        rows = released.merge_weights[image, : len(sources)]
+        absorbs_centre |= bool((rows[:, centres] != 0).sum() > len(centres))  # a centre column outside its own row
+    assert absorbs_centre
+    assert not torch.equal(released.merge_weights, ours.merge_weights)
+    assert centre_rows.any()
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_flat_attention_keeps_one_token(budget):
+    """A zero [CLS] query: the attention is exactly flat, LOF flags nothing; the image keeps its top patch (0)."""
+    inputs = random_inputs(2, 64, seed=1)
+    inputs.cls_query = torch.zeros_like(inputs.cls_query)
+    inputs.has_text = torch.zeros(2, dtype=torch.bool)
+    plan = compress_rc(inputs, RCConfig(budget=budget))
+    expected = 1 if budget is None else 3
+    assert plan.counts.tolist() == [expected, expected]
+    assert plan.source_index[:, 0].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("num_patches", [1, 2, 3, 4, 5])
+def test_few_patches_keep_at_least_one_token(num_patches):
+    """N <= 5: LOF (k clamped to N - 1) rarely flags anything; every image keeps at least its top patch."""
+    for seed in range(10):
+        inputs = random_inputs(3, num_patches, seed=seed)
+        plan = compress_rc(inputs, RCConfig())
+        assert (plan.counts >= 1).all() and (plan.counts <= num_patches + 1).all()
+        attention = cls_attention(inputs, per_head=False)
+        for image in range(3):
+            count = int(plan.counts[image])
+            sources = plan.source_index[image, :count].tolist()
+            if count == 1:
+                assert sources == [int(stable_descending_order(attention[image : image + 1])[0, 0])]
+        assert_matches_reference(inputs, RCConfig())
+
+
+def test_text_scale_dim():
+    """None = the guidance width; another width changes only the text term's weight in the merge."""
+    inputs = random_inputs(3, 144, seed=4)
+    default = compress_rc(inputs, RCConfig())
+    same = compress_rc(inputs, RCConfig(text_scale_dim=inputs.guidance_dim))
+    assert torch.equal(default.merge_weights, same.merge_weights)
+    released_constant = compress_rc(inputs, RCConfig(text_scale_dim=768))
+    assert torch.equal(default.source_index, released_constant.source_index)  # LOF and rankings are scale-free
+    assert not torch.equal(default.merge_weights, released_constant.merge_weights)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llava_rc import LlavaRCForConditionalGeneration
+from llava_rc.compressed_generation import PADDING_SOURCE, SYNTHETIC_SOURCE
 from llava_rc.compression_common import CompressionInputs, MethodConfig, TokenPlan, cls_attention, plan_from_mask
 from llava_rc.compression_registry import METHODS
 from tiny import NUM_PATCHES, greedy_loop_without_cache, make_batch, stock_twin, tiny_rc_model, unpad_row
@@ -105,7 +106,8 @@ def test_dynamic_counts_differ_per_image(above_mean_method):
         covered = report.absorbed[image, :count].any(dim=0)
         assert covered.all()
         assert (report.source_index[image, : count - 1] >= 0).all()
-        assert report.source_index[image, count - 1] == -1
+        assert report.source_index[image, count - 1] == SYNTHETIC_SOURCE  # the extra token: no anchor patch
+        assert (report.source_index[image, count:] == PADDING_SOURCE).all()
 
 
 def test_generate_equals_no_cache_greedy_loop(above_mean_method):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from llava_rc.compression_common import stable_topk_indices
 from llava_rc.compression_lof import lof_outlier_count, lof_outlier_fraction, lof_outlier_mask
 
 sklearn_neighbors = pytest.importorskip("sklearn.neighbors")
@@ -107,3 +108,88 @@ def test_two_sided_tie_breaks_towards_lower_index():
     assert lof_outlier_mask(values, None, 1).tolist() == [[False, False, False, False]]
     # Reversed, neighbour 0 comes first: lrd(0) = 2 * lrd(1), so 1 is an outlier.
     assert lof_outlier_mask(values.flip(-1), None, 1).tolist() == [[False, False, True, False]]
+
+
+def dense_lof_outlier_mask(values: torch.Tensor, valid: torch.Tensor | None, n_neighbors: int) -> torch.Tensor:
+    """The previous implementation, kept as the reference: the (I, N, N) distance matrix and a stable top-k of
+    each row (equidistant neighbours in ascending sample index), then the same float32 LOF statistics."""
+    x = values.float()  # (I, N)
+    num_rows, num_values = x.shape
+    if valid is None:
+        valid = torch.ones_like(x, dtype=torch.bool)
+    if num_values < 2:
+        return torch.zeros_like(valid)
+    num_valid = valid.sum(dim=-1)  # (I,)
+    row_neighbors = (num_valid - 1).clamp(min=1, max=n_neighbors)  # (I,)
+    width = min(n_neighbors, num_values - 1)
+    distances = (x.unsqueeze(-1) - x.unsqueeze(-2)).abs()  # (I, N, N)
+    itself = torch.eye(num_values, dtype=torch.bool)
+    distances = distances.masked_fill(itself | ~valid.unsqueeze(-2), float("inf"))
+    near_index = stable_topk_indices(distances, width, largest=False)  # (I, N, W)
+    near_distances = distances.gather(-1, near_index)  # (I, N, W)
+    in_neighborhood = torch.arange(width) < row_neighbors.view(-1, 1, 1)  # (I, 1, W)
+    near_distances = near_distances.where(in_neighborhood & near_distances.isfinite(), 0.0)
+    k_distance = near_distances.gather(-1, (row_neighbors - 1).view(-1, 1, 1).expand(-1, num_values, 1)).squeeze(-1)
+    neighbor_k_distance = k_distance.gather(1, near_index.flatten(1)).view(num_rows, num_values, width)
+    reach = torch.maximum(near_distances, neighbor_k_distance).where(in_neighborhood, 0.0)  # (I, N, W)
+    row_neighbors = row_neighbors.view(-1, 1).float()  # (I, 1)
+    density = 1.0 / (reach.sum(dim=-1) / row_neighbors + 1e-10)  # (I, N)
+    neighbor_density = density.gather(1, near_index.flatten(1)).view(num_rows, num_values, width)  # (I, N, W)
+    ratios = (neighbor_density / density.unsqueeze(-1)).where(in_neighborhood, 0.0)
+    scores = ratios.sum(dim=-1) / row_neighbors
+    return valid & (scores > 1.5) & (num_valid >= 2).unsqueeze(-1)
+
+
+def mixed_row(rng: np.random.Generator, kind: str, length: int) -> np.ndarray:
+    """The sklearn test's distributions plus values on a short integer grid: arithmetic progressions, so
+    two-sided ties (x - d and x + d) at the k-distance, with runs of copies longer than the 2k window."""
+    if kind == "grid":
+        step = rng.choice([1.0, 0.1, -0.5])
+        return (rng.integers(0, rng.integers(1, 12), size=length) * step).astype(np.float32)
+    if kind == "signed_zeros":
+        return rng.choice(np.array([-0.0, 0.0, 1.0, -1.0, 2.0], dtype=np.float32), size=length)
+    return random_vector(rng, kind, length)
+
+
+def test_window_lof_equals_dense_reference():
+    """>= 2,000 rows: every decision equals the (I, N, N) reference's, bit for bit, including ties and masks."""
+    rng = np.random.default_rng(2024)
+    kinds = KINDS + ["grid", "grid", "signed_zeros"]
+    rows = flagged = 0
+    for batch in range(700):
+        n_neighbors = int(rng.choice([1, 2, 3, 5, 10, 20]))
+        batch_size = int(rng.integers(1, 6))
+        width = int(rng.choice([1, 2, 3, n_neighbors, n_neighbors + 1, rng.integers(4, 90), rng.integers(90, 300)]))
+        values = np.stack([mixed_row(rng, kinds[rng.integers(len(kinds))], width) for _ in range(batch_size)])
+        valid = rng.random((batch_size, width)) < rng.choice([1.0, 1.0, 0.7, 0.1])  # masked rows, few valid
+        valid[rng.random(batch_size) < 0.05] = False  # rows with no valid value
+        values, valid = torch.from_numpy(values), torch.from_numpy(valid)
+        expected = dense_lof_outlier_mask(values, valid, n_neighbors)
+        assert torch.equal(lof_outlier_mask(values, valid, n_neighbors), expected), (n_neighbors, values, valid)
+        if batch % 7 == 0:  # and without a mask
+            assert torch.equal(lof_outlier_mask(values, None, n_neighbors), dense_lof_outlier_mask(values, None, n_neighbors))
+        rows += batch_size
+        flagged += int(expected.sum())
+    assert rows >= 2000 and flagged > 1000
+
+
+def test_window_lof_long_runs_of_copies_at_the_k_distance():
+    """Both runs at the k-distance extend past the 2k window; which side the last slots go to follows the lowest
+    sample indices of both runs (the left run's lowest indices sit at its far end)."""
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        length = int(rng.integers(30, 120))
+        values = torch.from_numpy(rng.choice(np.array([0.0, 1.0, 2.0, 7.0], dtype=np.float32), size=(3, length)))
+        for n_neighbors in [3, 10, 20]:
+            assert torch.equal(lof_outlier_mask(values, None, n_neighbors), dense_lof_outlier_mask(values, None, n_neighbors))
+
+
+def test_memory_grows_linearly_no_square_matrix():
+    """No (N, N) tensor: at N = 4096 the largest allocation stays far below N * N floats (64 MiB)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    values = torch.randn(1, 4096)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        lof_outlier_mask(values, None, 20)
+    largest = max(event.cpu_memory_usage for event in profiler.events())
+    assert largest < 4096 * 4096 * 4 // 16

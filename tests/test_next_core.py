@@ -6,6 +6,7 @@ import torch
 from transformers import LlavaNextConfig
 
 from llava_rc import LlavaNextRCForConditionalGeneration, anyres_token_counts
+from llava_rc.compressed_generation import NEWLINE_SOURCE
 from llava_rc.compression_common import CompressionInputs, resolve_budget
 from llava_rc.compression_gprune import GPruneConfig, compress_gprune, graph_scores
 from tiny import IMAGE_TOKEN_ID, greedy_loop_without_cache
@@ -89,7 +90,7 @@ def test_budgets_count_tokens_without_newlines_and_keep_every_newline(settings):
     newlines = anyres_token_counts(model.config, batch["image_sizes"])[:, 2]
     assert report.newline_counts.tolist() == newlines.tolist()
     assert (report.kept_counts - newlines).tolist() == kept_without_newlines(settings, batch["image_sizes"])
-    assert ((report.source_index == -1).sum(1) >= newlines).all()
+    assert (report.source_index == NEWLINE_SOURCE).sum(1).tolist() == newlines.tolist()
 
 
 def test_output_is_in_reading_order_with_a_newline_closing_every_row():
@@ -101,14 +102,14 @@ def test_output_is_in_reading_order_with_a_newline_closing_every_row():
         cols = grid // rows
         sources = report.source_index[image, : report.kept_counts[image]].tolist()
         kept = [source for source in sources if source >= 0]
-        assert kept == sorted(kept) and sources.count(-1) == rows
+        assert kept == sorted(kept) and sources.count(NEWLINE_SOURCE) == rows
         row = 0
         for source in sources:  # every grid token comes before the newline of its row, after the one before
-            if source == -1:
+            if source == NEWLINE_SOURCE:
                 row += 1
             elif source >= BASE_TOKENS:
                 assert (source - BASE_TOKENS) // cols == row
-        assert row == rows and sources[-1] == -1
+        assert row == rows and sources[-1] == NEWLINE_SOURCE
     # The newline embedding sits in the compressed sequence exactly where the report says.
     embeds = model.compress_inputs(batch["input_ids"], batch["pixel_values"], image_sizes=batch["image_sizes"],
                                    settings=model.compression_settings()).inputs_embeds
