@@ -944,10 +944,14 @@ def readme_table(result: dict) -> list[str]:
 
 
 def update_readme() -> None:
-    """Regenerate the README table between the latency markers from every ``latency_*.json`` result."""
+    """Regenerate the README table between the latency markers from every full ``latency_*.json`` result (``--ttft-only``
+    runs have no decode or memory rows and are skipped)."""
     lines = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("latency_*.json")):
-        lines += readme_table(json.loads(path.read_text())) + [""]
+        result = json.loads(path.read_text())
+        if "batch16" not in result["settings"]["runs"]:  # a --ttft-only run: no decode or memory rows
+            continue
+        lines += readme_table(result) + [""]
     write_readme_section("latency", lines)
 
 
