@@ -578,7 +578,8 @@ def main() -> None:
         torch.set_num_threads(args.threads or 1)
     if args.cpu_time:
         if device.type != "cpu" or torch.get_num_threads() != 1:
-            raise SystemExit(f"--cpu-time needs --device cpu and one thread, got {device} with {torch.get_num_threads()}")
+            threads = torch.get_num_threads()
+            raise SystemExit(f"--cpu-time needs --device cpu and one thread, got {device} with {threads} threads")
         use_cpu_time()
     geometry_name = args.geometry or ("llava-1.5-7b" if device.type == "cuda" else "cpu-small")
     spec = GEOMETRIES[geometry_name]
@@ -944,8 +945,8 @@ def readme_table(result: dict) -> list[str]:
 
 
 def update_readme() -> None:
-    """Regenerate the README table between the latency markers from every full ``latency_*.json`` result (``--ttft-only``
-    runs have no decode or memory rows and are skipped)."""
+    """Regenerate the README table between the latency markers from every full ``latency_*.json`` result
+    (``--ttft-only`` runs have no decode or memory rows and are skipped)."""
     lines = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("latency_*.json")):
         result = json.loads(path.read_text())

@@ -30,7 +30,10 @@ import latency  # benchmarks/latency.py, beside this script
 from bench_common import synchronize
 from llava_rc import compression_registry
 
-DEFAULT_VARIANTS = {"rc-64": {"method": "rc", "budget": 64}, "cls_attention-64": {"method": "cls_attention", "budget": 64}}
+DEFAULT_VARIANTS = {
+    "rc-64": {"method": "rc", "budget": 64},
+    "cls_attention-64": {"method": "cls_attention", "budget": 64},
+}
 
 
 @contextmanager

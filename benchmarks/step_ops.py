@@ -135,9 +135,10 @@ def count(geometry: str, methods: dict) -> dict:
                 row["method"] = sum(method_ops.values())
                 row["method_by_operator"] = dict(sorted(method_ops.items(), key=lambda item: -item[1]))
             step_by_operator = {op: prepass.get(op, 0) - stock_ops.get(op, 0) for op in set(prepass) | set(stock_ops)}
-            row["step_by_operator"] = dict(sorted(((k, v) for k, v in step_by_operator.items() if v), key=lambda i: -i[1]))
+            nonzero = ((op, count) for op, count in step_by_operator.items() if count)
+            row["step_by_operator"] = dict(sorted(nonzero, key=lambda item: -item[1]))
             rows[name] = row
-            print(f"{geometry} {name}: method {row.get('method', '-')}, step {row['step']}", file=sys.stderr, flush=True)
+            latency.log(f"{geometry} {name}: method {row.get('method', '-')}, step {row['step']}")
     return {"description": spec.description, "methods": methods, "counts": rows}
 
 
@@ -160,7 +161,7 @@ def main() -> None:
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    latency.log(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,8 @@ def llava_case():
 
 
 def next_case():
-    return tiny_next_model({"method": "none"}), make_next_batch([6, 11, 3], [[(56, 56)], [(20, 56), (60, 30)], []], seed=5)
+    image_sizes = [[(56, 56)], [(20, 56), (60, 30)], []]
+    return tiny_next_model({"method": "none"}), make_next_batch([6, 11, 3], image_sizes, seed=5)
 
 
 @pytest.mark.parametrize("budget", [5, None], ids=["budget", "adaptive"])
