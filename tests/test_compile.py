@@ -10,7 +10,7 @@ kept count on the host once; the last test checks that the check sees that sync.
 import pytest
 import torch
 
-from llava_rc.compression_common import CompressionInputs, TokenPlan, cls_attention
+from llava_rc.compression_common import CompressionInputs, TokenPlan, cls_attention, plan_from_mask, select_mask, select_plan
 from llava_rc.compression_registry import METHODS, method_function, parse_compression
 from test_compression_methods import make_inputs
 from test_method_matrix import METHOD_ROWS
@@ -65,3 +65,19 @@ def test_the_fixed_budget_step_is_one_graph(name, views):
 def test_adaptive_rc_reads_its_count_on_the_host_so_it_is_not_one_graph():
     with pytest.raises(Exception, match="(?i)graph break|data-dependent|item|unsupported"):
         compiled_plan({"method": "rc"}, make_inputs(num_images=2, grid=(6, 8), seed=3))
+
+
+def test_select_plan_is_the_mask_route_in_fewer_operators():
+    """``select_plan`` (3 operators) keeps exactly what marking the top patches and reading them back does."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        num_images, num_patches = 1 + trial % 4, 1 + int(torch.randint(1, 80, (1,), generator=generator))
+        scores = torch.randint(0, 1 + trial % 7, (num_images, num_patches), generator=generator).float()  # ties
+        if trial % 3 == 0:
+            scores = torch.randn(num_images, num_patches, generator=generator)
+        count = int(torch.randint(0, num_patches + 2, (1,), generator=generator))
+        plan = select_plan(scores, count)
+        reference = plan_from_mask(select_mask(scores, count), count)
+        assert torch.equal(plan.source_index, reference.source_index)
+        assert torch.equal(plan.counts, reference.counts)
+        assert plan.merge_weights is None
