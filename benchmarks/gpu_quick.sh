@@ -75,7 +75,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run within its limit and what is
 step a_ttft_llava15 80 "$python" benchmarks/latency.py --geometry "$g15" --device "$device" --dtype "$dtype" \
     --ttft-only --variants stock rc-64 rc-dynamic --prepass-batches 1 16 --repeats "$repeats" \
     --output "$out/a_ttft_llava15.json"
-step b_step_compile 110 "$python" benchmarks/step_compile.py --geometry "$g15" --device "$device" --dtype "$dtype" \
+step b_step_compile 150 "$python" benchmarks/step_compile.py --geometry "$g15" --device "$device" --dtype "$dtype" \
     "${compile_args[@]}" --repeats "$repeats" --output "$out/b_step_compile.json"
 # shellcheck disable=SC2086  # the variants are words
 step d_ttft_next 80 "$python" benchmarks/latency.py --geometry "$gnext" --device "$device" --dtype "$dtype" \
