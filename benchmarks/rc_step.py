@@ -10,6 +10,16 @@ Runs alternate, after a warm-up; medians are reported, and ratios come from the 
 hardware, settings) to ``benchmarks/results/`` and, with ``--update-readme``, the README table between markers.
 
     python benchmarks/rc_step.py --batch-sizes 1 2 --repeats 3 --update-readme
+
+``--scaling LABEL`` instead measures how ``compress_rc`` + ``apply_plan`` grow with the patch count N (one image of
+N patches, as RC runs on a LLaVA-NeXT image's crops together) at ViT-L/14-336 width (C = A = 1024, 16 heads): time
+(median), peak memory allocated by torch during one call (torch profiler memory events), the number of operators
+dispatched, and the share of the vision tower over the same tokens (N / 576 crops per image; the tower is timed on
+one crop and scaled by the crop count, which is exact up to noise: crops are independent forwards). Each label's
+rows are stored in ``benchmarks/results/rc_step_scaling_cpu.json`` beside the other labels (e.g. "before" and
+"after"), so the comparison comes from one machine:
+
+    OMP_NUM_THREADS=1 python benchmarks/rc_step.py --scaling after --batch-sizes 1 8 --sizes 576 1152 2880 5760
 """
 
 import argparse
@@ -117,6 +127,158 @@ def released_structure(tower, pixel_values, hidden_states, question, settings: R
     return outputs
 
 
+def scaling_inputs(batch_size: int, num_patches: int, seed: int = 0) -> CompressionInputs:
+    """Random inputs at ViT-L/14-336 width whose [CLS] attention has a few standout patches, as CLIP's does."""
+    generator = torch.Generator().manual_seed(seed)
+    width, num_heads = 1024, 16
+    keys = torch.randn(batch_size, 1 + num_patches, width, generator=generator)
+    query = torch.randn(batch_size, width, generator=generator)
+    for image in range(batch_size):
+        standouts = torch.randperm(num_patches, generator=generator)[: max(2, num_patches // 50)]
+        keys[image, 1 + standouts] += 0.2 * (1.0 + image % 3) * query[image]
+    return CompressionInputs(
+        features=torch.randn(batch_size, num_patches, width, generator=generator),
+        cls_query=query,
+        attention_keys=keys,
+        num_heads=num_heads,
+        text_scores=torch.rand(batch_size, num_patches, generator=generator) * 0.6 - 0.1,
+        guidance_dim=TEXT_WIDTH,
+        has_text=torch.ones(batch_size, dtype=torch.bool),
+    )
+
+
+def profiled_call(function) -> tuple[int, int]:
+    """(peak bytes torch allocated above the start during one call of ``function``, operators dispatched)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        function()
+    events = profiler.events()
+    # Each operator's own net allocation at its start, frees outside operators as "[memory]" events: the running
+    # sum is the allocated total (an operator's internal workspace, freed before it returns, is not seen).
+    changes = sorted((event.time_range.start, event.self_cpu_memory_usage) for event in events)
+    allocated = peak = 0
+    for _, change in changes:
+        allocated += change
+        peak = max(peak, allocated)
+    operators = sum(1 for event in events if event.name.startswith("aten::") and event.cpu_parent is None)
+    return peak, operators
+
+
+def scaling(args) -> None:
+    """Time, peak memory and operator count of the RC step against N; appends a labelled run to the JSON."""
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(clip_vit_l_336()).eval()
+    pixel_values = torch.randn(1, 3, 336, 336)
+    device = torch.device("cpu")
+    with torch.no_grad():
+        tower(pixel_values, output_hidden_states=True)  # warm-up
+        crop_seconds = statistics.median(
+            timed(lambda: tower(pixel_values, output_hidden_states=True), device, args.tower_repeats)
+        )
+    settings = {"adaptive": RCConfig()}
+    if args.budget:
+        settings[f"budget {args.budget}"] = RCConfig(budget=args.budget)
+    rows = []
+    for name, config in settings.items():
+        for batch_size in args.batch_sizes:
+            for num_patches in args.sizes:
+                inputs = scaling_inputs(batch_size, num_patches)
+
+                def step():
+                    plan = compress_rc(inputs, config)
+                    return plan, apply_plan(inputs.features, plan)
+
+                peak_bytes, operators = profiled_call(step)  # also the warm-up
+                plan, _ = step()
+                seconds, plan_seconds = [], []
+                while len(seconds) < args.repeats and sum(seconds) < args.max_seconds:
+                    seconds += timed(step, device, 1)
+                    plan_seconds += timed(lambda: compress_rc(inputs, config), device, 1)
+                tower_seconds = crop_seconds * batch_size * num_patches / 576
+                rows.append(
+                    {
+                        "settings": name,
+                        "batch_size": batch_size,
+                        "num_patches": num_patches,
+                        "step_seconds": statistics.median(seconds),
+                        "compress_rc_seconds": statistics.median(plan_seconds),
+                        "timed_calls": len(seconds),
+                        "peak_bytes": peak_bytes,
+                        "operators": operators,
+                        "mean_tokens": plan.counts.float().mean().item(),
+                        "tower_seconds": tower_seconds,
+                        "share_of_tower": statistics.median(seconds) / tower_seconds,
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+                write_scaling_run(args.scaling, crop_seconds, rows)  # after each row: a cut-off run keeps its rows
+
+
+def write_scaling_run(label: str, crop_seconds: float, rows: list[dict]) -> None:
+    """Store (or replace) the run ``label`` in ``benchmarks/results/rc_step_scaling_cpu.json``."""
+    path = ROOT / "benchmarks" / "results" / "rc_step_scaling_cpu.json"
+    result = json.loads(path.read_text()) if path.exists() else {"benchmark": "rc_step_scaling", "runs": {}}
+    result["runs"][label] = {
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "geometry": "one image of N patches, C = A = 1024, 16 heads; tower: CLIP ViT-L/14-336, N / 576 crops",
+        "tower_seconds_per_crop": crop_seconds,
+        "rows": rows,
+        "growth_exponents": growth_exponents(rows),
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def growth_exponents(rows: list[dict]) -> dict:
+    """Least-squares slope of log(step seconds) and log(peak bytes) against log(N), per settings and batch."""
+    exponents = {}
+    groups = {(row["settings"], row["batch_size"]) for row in rows}
+    for settings, batch_size in sorted(groups):
+        group = [row for row in rows if (row["settings"], row["batch_size"]) == (settings, batch_size)]
+        if len(group) < 2:
+            continue
+        sizes = np.log([row["num_patches"] for row in group])
+        exponents[f"{settings}, batch {batch_size}"] = {
+            "time": float(np.polyfit(sizes, np.log([row["step_seconds"] for row in group]), 1)[0]),
+            "memory": float(np.polyfit(sizes, np.log([max(row["peak_bytes"], 1) for row in group]), 1)[0]),
+        }
+    return exponents
+
+
+def scaling_table(before: str = "before", after: str = "after") -> str:
+    """Markdown table of two stored scaling runs side by side (for benchmarks/NOTES.md)."""
+    runs = json.loads((ROOT / "benchmarks" / "results" / "rc_step_scaling_cpu.json").read_text())["runs"]
+    rows = {(row["settings"], row["batch_size"], row["num_patches"]): row for row in runs[after]["rows"]}
+    old = {(row["settings"], row["batch_size"], row["num_patches"]): row for row in runs[before]["rows"]}
+    lines = [
+        "| batch | N | step before (ms) | step after (ms) | speed-up | peak MiB before | peak MiB after | "
+        "ops before / after | tokens | share of tower before | share after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    mib = 2**20
+    for key, row in sorted(rows.items()):
+        was = old.get(key)
+        before_cells = (
+            [f"{was['step_seconds'] * 1e3:.0f}", f"{row['step_seconds'] * 1e3:.0f}",
+             f"{was['step_seconds'] / row['step_seconds']:.1f}x", f"{was['peak_bytes'] / mib:.1f}"]
+            if was
+            else ["-", f"{row['step_seconds'] * 1e3:.0f}", "-", "-"]
+        )
+        cells = [str(key[1]), str(key[2]), *before_cells, f"{row['peak_bytes'] / mib:.1f}",
+                 f"{was['operators'] if was else '-'} / {row['operators']}", f"{row['mean_tokens']:.1f}",
+                 f"{was['share_of_tower']:.2%}" if was else "-", f"{row['share_of_tower']:.2%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for label in (before, after):
+        exponents = ", ".join(
+            f"{name}: time {values['time']:.2f}, memory {values['memory']:.2f}"
+            for name, values in runs[label]["growth_exponents"].items()
+        )
+        lines.append(f"\nGrowth exponents in N ({label}): {exponents}.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="RC step cost vs the vision tower and vs the released structure")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
@@ -124,7 +286,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (GPU default)")
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--scaling", metavar="LABEL", help="measure growth in N instead; store the run as LABEL")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[576, 1152, 2880, 5760], help="N for --scaling")
+    parser.add_argument("--budget", type=int, default=None, help="--scaling: also a fixed budget of this many tokens")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="--scaling: stop repeating after this")
+    parser.add_argument("--tower-repeats", type=int, default=3)
+    parser.add_argument("--scaling-table", action="store_true", help="print the before/after table and exit")
     args = parser.parse_args()
+    if args.scaling_table:
+        print(scaling_table())
+        return
+    if args.scaling:
+        scaling(args)
+        return
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)

@@ -29,9 +29,12 @@ k-distance ``d`` is the k-th smallest candidate distance; every candidate closer
 remaining ``m`` slots go to the values at distance exactly ``d``: copies of ``x - d`` on the left and of ``x + d``
 on the right. Copies of one value are interchangeable (same distance, k-distance and density), so only how many
 slots each side gets matters; as in the stable top-k over all values, they go to the ``m`` lowest sample indices of
-the two runs of copies (a short binary search on the runs' sorted indices). The neighbours are then ranked in the
-same (distance, sample index) order as that top-k and the sums taken in that order, so the scores are the same
-float32 numbers and the decisions the same. Values are expected finite.
+the two runs of copies (a searchsorted of one run's sorted indices in the other's). The neighbours are then ranked
+in the same (distance, sample index) order as that top-k and the sums taken in that order, so the scores are the same
+float32 numbers and the decisions the same. One exception: distinct values at one float32 distance from ``x``
+(possible only when ``x`` exceeds their gap 2^24-fold, e.g. attention of 1e-3 next to values of 1e-12) are not
+interchangeable; among them the window takes the nearest in sorted order, the (N, N) top-k took the lowest sample
+indices. Both are ties in float32 (sklearn, in float64, sees no tie there). Values are expected finite.
 """
 
 import torch
@@ -94,21 +97,23 @@ def lof_outlier_mask(values: torch.Tensor, valid: torch.Tensor | None = None, n_
     left_size = torch.where(has_left, left_end - left_start, 0)  # (I, N) L
     right_size = torch.where(has_right, run_end.gather(1, right_start) - right_start, 0)  # (I, N) R
 
-    # Left share l of the m slots: the left copies among the m lowest sample indices of both runs (each run's
-    # indices ascend with position). l is the largest in [max(0, m - R), min(m, L)] with
-    # left_index[l - 1] < right_index[m - l]; the test holds up to l and fails after it: binary search.
-    low = (slots - right_size).clamp(min=0)  # (I, N)
-    high = torch.minimum(slots, left_size)  # (I, N)
-    for _ in range(width.bit_length() + 1):
-        middle = (low + high + 1) // 2  # (I, N), > low while low < high
-        left_index = order.gather(1, (left_start + middle - 1).clamp(0, num_values - 1))  # (I, N)
-        right_index = order.gather(1, (right_start + slots - middle).clamp(0, num_values - 1))  # (I, N)
-        right_index = torch.where(slots - middle < right_size, right_index, num_values)  # past the run: none
-        searching = low < high
-        go_up = searching & (left_index < right_index)
-        low = torch.where(go_up, middle, low)
-        high = torch.where(searching & ~go_up, middle - 1, high)
-    left_count = closer_left + low  # (I, N) neighbours on the left; the rest, k - left_count, on the right
+    # Left share l of the m slots: how many left copies are among the m lowest sample indices of both runs. Each
+    # run's indices ascend with position, so the u-th left copy's place in the union is u + (right copies with a
+    # lower index), a searchsorted; l counts the left copies placed below m. Only the first W of a run can matter.
+    left_place = (left_start.unsqueeze(-1) + steps - 1).clamp(max=num_values - 1)  # (I, N, W) u-th left copy
+    right_place = (right_start.unsqueeze(-1) + steps - 1).clamp(max=num_values - 1)  # (I, N, W) v-th right copy
+    left_index = order.gather(1, left_place.flatten(1)).view_as(left_place)  # (I, N, W)
+    right_index = order.gather(1, right_place.flatten(1)).view_as(right_place)  # (I, N, W)
+    right_index = right_index.masked_fill(steps > right_size.unsqueeze(-1), num_values)  # past the run: last
+    union_place = steps - 1 + torch.searchsorted(right_index, left_index)  # (I, N, W)
+    in_left_run = steps <= left_size.unsqueeze(-1)  # (I, N, W)
+    left_share = ((union_place < slots.unsqueeze(-1)) & in_left_run).sum(dim=-1)  # (I, N) l
+    # Distinct values can share one float32 distance (x much larger than their gap: x - y rounds to the same d);
+    # then the runs of equal values undercount the candidates at d. Keep l within what each side holds at d, so
+    # every neighbour is at most d away; the choice among such distinct values is the nearest in sorted order.
+    at_k_left, at_k_right = at_k[..., :width].sum(-1), at_k[..., width:].sum(-1)  # (I, N) each, within the window
+    left_share = torch.minimum(torch.maximum(left_share, slots - at_k_right), at_k_left)  # (I, N)
+    left_count = closer_left + left_share  # (I, N) neighbours on the left; the rest, k - left_count, on the right
 
     # Rank the chosen candidates as the stable top-k over all values would: by (distance, sample index). The left
     # copies at distance d stand for the lowest-indexed copies of their run, whose indices they take.

@@ -2,8 +2,9 @@
 
 For each image, with ``a`` the [CLS] attention to the N patches (one softmax over [CLS] + patches with all heads
 concatenated, as the released code computes it) and ``s`` the text scores (cosine of each patch to the question,
-divided by sqrt(``text_scale_dim`` or guidance_dim), see "Text scale" below); ``LOF_k(v)`` counts the values of ``v`` that the Local Outlier Factor with ``k``
-neighbours flags (``compression_lof``), and ``r = LOF_k(v) / len(v)`` is RC's dynamic ratio:
+divided by sqrt(``text_scale_dim``), by default sqrt(guidance_dim): see "Text scale" below); ``LOF_k(v)`` counts
+the values of ``v`` that the Local Outlier Factor with ``k`` neighbours flags (``compression_lof``), and
+``r = LOF_k(v) / len(v)`` is RC's dynamic ratio:
 
 1. Visual keep: ``n_v = floor(N * r(a; lof_neighbors_visual))`` = ``LOF(a)``; ``I_v`` = the top ``n_v`` by ``a``.
 2. Recovery: set ``s`` on ``I_v`` to ``min(s)``, then ``n_t = floor((N - n_v) * r(s; lof_neighbors_text))``, the
@@ -39,22 +40,26 @@ its ``"clip"`` guidance compares. We divide by sqrt(``text_scale_dim``), by defa
 (``guidance_dim``), so the released rule holds for any tower. The effective weight of the cosine in a centre's
 candidate score is ``text_weight / sqrt(dim)``: for LLaVA-1.5 with ``"clip"`` (768 wide) 50 / 27.7 = 1.80, the
 released balance exactly; with ``"llm"`` (our option, not in the release; 4096 wide for 7B) 50 / 64 = 0.78, 2.3x
-less weight on the text. Decision: the default stays ``guidance_dim`` (the released rule, and the trained shipped
-model's setting); ``text_scale_dim=768`` reproduces the released constant for ``"llm"`` or any other tower. The
-scale does not change which tokens are recovered (LOF and the ranking are scale-free) but only the merge.
+less weight on the text. Decision: the default stays ``guidance_dim``. We read the constant as the width of the
+embedding the release compares (it equals it in the only released setting, which this default reproduces
+exactly); ``"llm"`` guidance has no released counterpart, and the shipped model was trained with this default.
+``text_scale_dim=768`` reproduces the released constant for ``"llm"`` or any other tower. The scale does not change
+which tokens are recovered (LOF and the ranking are scale-free), only the merge.
 
-Where we deviate from the released code (bugs fixed; each keeps the counts the release meant):
+Where we deviate from the released code (bugs fixed):
 - the number of centres is taken from the remaining tokens |R|, not from the feature (channel) dimension;
 - keys of the remaining tokens are gathered with their patch indices, not R-relative indices into the full keys;
 - an image whose plan would be empty keeps its top patch (step 6) instead of vanishing from the prompt;
 - LOF and the merge run on the device, vectorised (torch LOF in O(N log N + N k) instead of sklearn on the CPU;
   centre x patch similarities for all centres at once instead of a per-centre loop);
 - any batch size (counts differ per image; padded to the largest count), not batch size 1 only.
-Released behaviour kept by default, with our alternative as an option:
-- ``centre_candidates="released"`` (default): a centre may absorb another centre, whose vector then counts in both
-  (kept counts and sets are the same either way; merged vectors differ, by ~1e-2 relative at 576 patches and up to
-  ~30% at 16). ``"non_centres"`` draws each centre's candidates from the non-centre remaining patches only, so every
-  patch outside the kept set feeds the centres through the patches that are not themselves output tokens.
+Released behaviour kept as the default (the project's rule: where authors released code, the default is the
+released behaviour), with our alternative as an option:
+- ``centre_candidates="released"`` (default): a centre's candidates include the other centres, so a centre's vector
+  may also be added into another centre. ``"non_centres"`` (the behaviour before this option existed) takes each
+  centre's candidates from the non-centre remaining patches only, so no patch is both an output token of its own
+  and part of another. Kept counts and sets are the same either way; merged vectors differ (about 1e-2 relative at
+  576 patches, up to about 30% at 16).
 """
 
 import math
@@ -275,7 +280,8 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     candidate_row = torch.where(is_candidate, centre_slot_row.unsqueeze(-1), spare_row)  # (I, C, M)
     flat_index = candidate_row * num_patches + candidates  # (I, C, M) into the (K + 1) * N flattened weights
     candidate_weight = attention.gather(1, candidates.flatten(1)).view_as(candidates) * is_candidate  # (I, C, M)
-    merge_weights.view(num_images, -1).scatter_add_(1, flat_index.flatten(1), candidate_weight.flatten(1))
+    flat_weights = merge_weights.view(num_images, (max_count + 1) * num_patches)  # (I, (K + 1) * N)
+    flat_weights.scatter_add_(1, flat_index.flatten(1), candidate_weight.flatten(1))
 
     source_row = torch.where(kept | centre, row, spare_row)  # (I, N)
     source_index = torch.full((num_images, max_count + 1), -1, dtype=torch.long, device=device)

@@ -259,6 +259,7 @@ def test_bfloat16_inputs():
         {"cls_attention_layer": "last"},
         {"budget": 0},
         {"budget": 1.5},
+        {"budget": float("nan")},
         {"budget": True},
     ],
 )
@@ -322,7 +323,8 @@ def dense_compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     candidate_scores = keys @ keys.transpose(1, 2)  # (I, N, N)
     if text is not None:
         scores, has_text = text
-        candidate_scores = candidate_scores + (config.text_weight * scores.where(has_text.unsqueeze(-1), 0.0)).unsqueeze(1)
+        text_term = config.text_weight * scores.where(has_text.unsqueeze(-1), 0.0)
+        candidate_scores = candidate_scores + text_term.unsqueeze(1)
     candidate_scores = candidate_scores.masked_fill(~absorbed.unsqueeze(1), float("-inf"))
     candidates = stable_topk_indices(candidate_scores, min(config.merge_neighbors, num_patches), largest=True)
     is_candidate = absorbed.gather(1, candidates.flatten(1)).view_as(candidates) & centre.unsqueeze(-1)
@@ -344,7 +346,9 @@ def dense_compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     )
     source_index = torch.full((num_images, max_count + 1), -1, dtype=torch.long)
     source_index.scatter_(1, torch.where(kept | centre, row, max_count), torch.arange(num_patches).expand_as(row))
-    return TokenPlan(source_index=source_index[:, :max_count], counts=counts, merge_weights=merge_weights[:, :max_count])
+    return TokenPlan(
+        source_index=source_index[:, :max_count], counts=counts, merge_weights=merge_weights[:, :max_count]
+    )
 
 
 @pytest.mark.parametrize("num_images, num_patches, width", [(1, 576, 16), (8, 576, 8), (2, 1152, 8), (3, 100, 32)])
@@ -424,3 +428,13 @@ def test_text_scale_dim():
     released_constant = compress_rc(inputs, RCConfig(text_scale_dim=768))
     assert torch.equal(default.source_index, released_constant.source_index)  # LOF and rankings are scale-free
     assert not torch.equal(default.merge_weights, released_constant.merge_weights)
+
+
+def test_fixed_budget_path_compiles_without_graph_break():
+    """With a budget the step has no host sync, so it traces as one graph (a GPU can capture it)."""
+    inputs = random_inputs(2, 64, seed=2)
+    config = RCConfig(budget=16)
+    compiled = torch.compile(lambda batch: compress_rc(batch, config), fullgraph=True, backend="eager")
+    plan, expected = compiled(inputs), compress_rc(inputs, config)
+    assert torch.equal(plan.source_index, expected.source_index)
+    assert torch.equal(plan.merge_weights, expected.merge_weights)
