@@ -31,7 +31,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import roofline  # benchmarks/roofline.py, beside this script
-from bench_common import synchronize, timed, write_readme_section  # benchmarks/bench_common.py
+from bench_common import now, synchronize, timed, use_cpu_time, write_readme_section  # benchmarks/bench_common.py
 import torch
 import transformers
 from transformers import (
@@ -379,7 +378,7 @@ class TokenClock(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         synchronize(self.device)
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(now())
         return scores
 
 
@@ -397,7 +396,7 @@ def run_generate(
     if memory is not None:
         memory.start()
     synchronize(device)
-    start = time.perf_counter()
+    start = now()
     out = model.generate(
         **inputs,
         max_new_tokens=new_tokens,
@@ -407,7 +406,7 @@ def run_generate(
         **kwargs,
     )
     synchronize(device)
-    end = time.perf_counter()
+    end = now()
     peak = memory.increase() if memory is not None else None
     if len(clock.stamps) != new_tokens:
         raise RuntimeError(f"expected {new_tokens} tokens, got {len(clock.stamps)}")
@@ -556,6 +555,18 @@ def main() -> None:
     )
     parser.add_argument("--sync-audit", action="store_true", help="CUDA: count host syncs per generate() by line")
     parser.add_argument("--output", default=None, help="JSON path (default benchmarks/results/latency_<device>.json)")
+    parser.add_argument(
+        "--ttft-only", action="store_true",
+        help="TTFT and the pre-pass only: batch 1 and 8 with one new token each; no decode, memory or largest batch",
+    )
+    parser.add_argument(
+        "--prepass-batches", type=int, nargs="+", default=[1, 8],
+        help="batches at which the pre-pass (vision tower, compression step) is timed; must include 1",
+    )
+    parser.add_argument(
+        "--cpu-time", action="store_true",
+        help="CPU: time with the process's CPU time, not wall time (one thread on a machine shared with other jobs)",
+    )
     parser.add_argument("--update-readme", action="store_true")
     parser.add_argument("--readme-only", action="store_true", help="regenerate the README table from the JSON files")
     args = parser.parse_args()
@@ -565,6 +576,11 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu" or args.threads:
         torch.set_num_threads(args.threads or 1)
+    if args.cpu_time:
+        if device.type != "cpu" or torch.get_num_threads() != 1:
+            threads = torch.get_num_threads()
+            raise SystemExit(f"--cpu-time needs --device cpu and one thread, got {device} with {threads} threads")
+        use_cpu_time()
     geometry_name = args.geometry or ("llava-1.5-7b" if device.type == "cuda" else "cpu-small")
     spec = GEOMETRIES[geometry_name]
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
@@ -576,6 +592,10 @@ def main() -> None:
     if "stock" not in chosen:
         raise SystemExit("--variants must include stock (every ratio is stock / RC)")
     variants = {name: available[name] for name in chosen}
+    if 1 not in args.prepass_batches:
+        raise SystemExit(f"--prepass-batches must include 1 (the step's share of TTFT), got {args.prepass_batches}")
+    if args.ttft_only and (args.verify_largest_batch or args.update_readme):
+        raise SystemExit("--ttft-only measures no memory or decode: drop --verify-largest-batch and --update-readme")
 
     ceilings_measured = measure_ceilings(device, dtype)
     ceilings = roofline.Ceilings(ceilings_measured["flops_per_second"], ceilings_measured["bytes_per_second"])
@@ -590,6 +610,8 @@ def main() -> None:
         "batch8": (8, 1),  # TTFT at batch 8
         "batch16": (16, spec.decode_tokens),  # decode at batch 16, and per-request memory
     }
+    if args.ttft_only:
+        runs = {"batch1": (1, 1), "batch8": (8, 1)}
     generate_samples = {}
     with torch.no_grad():
         for run_name, (batch, new_tokens) in runs.items():
@@ -605,7 +627,7 @@ def main() -> None:
 
         # 2. The pre-pass: vision tower, stock image features, RC compress_inputs per variant.
         prepass = {}
-        for batch in (1, 8):
+        for batch in args.prepass_batches:
             inputs = make_inputs(spec, batch, device, dtype, seed=batch)
             pixel_values = inputs["pixel_values"]
             image_sizes = inputs.get("image_sizes")
@@ -632,7 +654,7 @@ def main() -> None:
         # 3. Memory, in runs of its own: peak at batch 1 and 16 (same new tokens), then the largest batch.
         memory = PeakMemory(device)
         memory_samples = {}
-        for batch in (1, 16):
+        for batch in () if args.ttft_only else (1, 16):
             inputs = make_inputs(spec, batch, device, dtype, seed=batch)
             memory_samples[batch] = {
                 name: run_generate(models[name], compression, inputs, spec.decode_tokens, device, memory)
@@ -678,6 +700,7 @@ def main() -> None:
             "weights": "random (N(0, 0.02), norms 1); stock shares RC's tensors",
             "variants": variants,
             "command": " ".join(sys.argv),
+            "clock": "process CPU time" if args.cpu_time else "wall time",
         },
         "ceilings": ceilings_measured,
         **results,
@@ -741,7 +764,7 @@ def build_results(
 
     # Per-request memory: the slope of peak memory between batch 1 and batch 16 (same prompts and new tokens).
     memory = {}
-    for name in variants:
+    for name in variants if memory_samples else ():  # none with --ttft-only
         peak1 = memory_samples[1][name]["peak_increase"]
         peak16 = memory_samples[16][name]["peak_increase"]
         per_sample = max((peak16 - peak1) / 15, 1.0)
@@ -778,6 +801,8 @@ def build_results(
         for batch_run, batch in (("batch1", 1), ("batch8", 8)):
             row(f"ttft_batch{batch}", stock[batch_run]["stock"]["ttft"], stock[batch_run][ours]["ttft"],
                 roof_ttft("stock", batch), roof_ttft(name, batch))
+        if "batch16" not in runs:  # --ttft-only: no decode, memory or largest batch
+            continue
         for batch_run, batch, new_tokens in (("batch1", 1, batch1_new), ("batch16", 16, runs["batch16"][1])):
             row(f"decode_tokens_per_second_batch{batch}",
                 batch / stock[batch_run]["stock"]["decode_step"], batch / stock[batch_run][ours]["decode_step"],
@@ -799,14 +824,14 @@ def build_results(
             if variants[name] is None:
                 continue
             step = by_stage[name] - by_stage["stock_features"]
-            ttft = medians[batch_key if batch_key in medians else "batch1"][name]["ttft"]
+            ttft = medians[batch_key][name]["ttft"] if batch_key in medians else None  # no TTFT run at batch 16
             steps.setdefault(name, {})[batch_key] = {
                 "vision_seconds": by_stage["vision"],
                 "stock_image_features_seconds": by_stage["stock_features"],
                 "rc_prepass_seconds": by_stage[name],
                 "compression_step_seconds": step,
                 "share_of_vision": step / by_stage["vision"],
-                "share_of_ttft": step / ttft,
+                "share_of_ttft": step / ttft if ttft is not None else None,
             }
 
     summary = {
@@ -920,10 +945,14 @@ def readme_table(result: dict) -> list[str]:
 
 
 def update_readme() -> None:
-    """Regenerate the README table between the latency markers from every ``latency_*.json`` result."""
+    """Regenerate the README table between the latency markers from every full ``latency_*.json`` result
+    (``--ttft-only`` runs have no decode or memory rows and are skipped)."""
     lines = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("latency_*.json")):
-        lines += readme_table(json.loads(path.read_text())) + [""]
+        result = json.loads(path.read_text())
+        if "batch16" not in result["settings"]["runs"]:  # a --ttft-only run: no decode or memory rows
+            continue
+        lines += readme_table(result) + [""]
     write_readme_section("latency", lines)
 
 
