@@ -214,8 +214,12 @@ class CompressedGenerationMixin:
         return gather
 
     def _plan_tokens(self, signals: "CropSignals", plan: TokenPlan, pack, settings: MethodConfig) -> torch.Tensor:
-        """(I_g, K, D) the language-model tokens of a plan; pack: the group's ``_signal_packer``."""
-        if settings.stage == "projected":
+        """(I_g, K, D) the language-model tokens of a plan; pack: the group's ``_signal_packer``.
+
+        A selection plan (no merge weights) of patches already projected (stage "projected", or "llm" guidance) is
+        a gather of that projection; merged features must go through the (nonlinear) projector.
+        """
+        if settings.stage == "projected" or (plan.merge_weights is None and signals.projected is not None):
             return apply_plan(pack(signals.projected), plan)  # (I_g, K, D)
         return self.model.multi_modal_projector(apply_plan(pack(signals.features), plan))  # (I_g, K, D)
 

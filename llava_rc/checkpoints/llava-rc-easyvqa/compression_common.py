@@ -158,8 +158,10 @@ def select_plan(scores: torch.Tensor, count: int) -> TokenPlan:
     scores: (I, N) float; count: tokens kept per image (a fixed budget, known on the host: no sync). Ties are
     broken towards the lower patch index, so the result is deterministic and does not depend on the other images.
     """
-    # Mark the chosen patches, then read them back in raster order.
-    return plan_from_mask(select_mask(scores, count), count)
+    chosen = stable_descending_order(scores)[:, :count]  # (I, K) the top ``count`` in stable descending order
+    source_index = chosen.sort(dim=-1).values  # (I, K) read back in raster order
+    counts = torch.full(scores.shape[:1], source_index.shape[1], dtype=torch.long, device=scores.device)  # (I,)
+    return TokenPlan(source_index=source_index, counts=counts)
 
 
 def select_mask(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -37,7 +37,17 @@ def compress_random(inputs: CompressionInputs, config: RandomConfig) -> TokenPla
     inputs.features: (I, N, C). Returns a selection plan with K = resolve_budget(budget, N), in raster order.
     """
     num_images, num_patches = inputs.features.shape[:2]
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    scores = torch.rand(num_patches, generator=generator).to(inputs.features.device)  # (N,)
+    scores = seeded_scores(config.seed, num_patches).to(inputs.features.device)  # (N,)
     keep = resolve_budget(config.budget, num_patches)
     return select_plan(scores.expand(num_images, num_patches), keep)
+
+
+@torch.compiler.assume_constant_result
+def seeded_scores(seed: int, num_patches: int) -> torch.Tensor:
+    """(N,) float32 uniform scores from a CPU generator seeded with ``seed``.
+
+    A function of its two ints only: ``torch.compile`` evaluates it once when tracing and keeps the result as a
+    constant, since a generator cannot be created inside a graph.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(num_patches, generator=generator)
