@@ -121,25 +121,7 @@ class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextFo
             )
             for size in sizes
         ]
-        if pixel_values.dim() == 5:
-            if pixel_values.shape[0] != len(sizes):
-                raise ValueError(
-                    f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(sizes)}; expected one "
-                    "(height, width) per image"
-                )
-            if pixel_values.shape[1] < max(crops_per_image):
-                raise ValueError(
-                    f"pixel_values has {pixel_values.shape[1]} crops per image but image_sizes {sizes} need "
-                    f"{crops_per_image} (base view + grid crops of the best-fitting image_grid_pinpoints)"
-                )
-            crops = torch.cat([images[:count] for images, count in zip(pixel_values, crops_per_image)])
-        elif pixel_values.dim() == 4 and pixel_values.shape[0] == sum(crops_per_image):
-            crops = pixel_values
-        else:
-            raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)} does not fit image_sizes {sizes}: expected "
-                f"(num_images, max_crops, 3, H, W) or ({sum(crops_per_image)}, 3, H, W) with crops {crops_per_image}"
-            )
+        crops = self._flatten_crops(pixel_values, crops_per_image, sizes)
         return crops, crops_per_image
 
     def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:
@@ -311,21 +293,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
             else 1
             for size, patched in zip(geometry.sizes, geometry.patched)
         ]
-        if pixel_values.dim() == 5 and pixel_values.shape[0] == len(crops_per_image):
-            if pixel_values.shape[1] < max(crops_per_image):
-                raise ValueError(
-                    f"pixel_values has {pixel_values.shape[1]} crops per image but image_sizes "
-                    f"{list(geometry.sizes)} need {crops_per_image}"
-                )
-            crops = torch.cat([images[:count] for images, count in zip(pixel_values, crops_per_image)])
-        elif pixel_values.dim() == 4 and pixel_values.shape[0] == sum(crops_per_image):
-            crops = pixel_values
-        else:
-            raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)} does not fit image_sizes {list(geometry.sizes)}: "
-                f"expected ({len(crops_per_image)}, max_crops, 3, H, W) or ({sum(crops_per_image)}, 3, H, W) with "
-                f"crops {crops_per_image}"
-            )
+        crops = self._flatten_crops(pixel_values, crops_per_image, list(geometry.sizes))
         return crops, crops_per_image
 
     def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:

@@ -312,6 +312,31 @@ class CompressedGenerationMixin:
             expected = " or ".join(f"({', '.join(dims)}, {', '.join(map(str, image_dims))})" for dims in leading)
             raise ValueError(f"pixel_values has shape {shape}; expected {expected}")
 
+    @staticmethod
+    def _flatten_crops(pixel_values: torch.Tensor, crops_per_image: list[int], sizes: list) -> torch.Tensor:
+        """Multi-crop images: (I, P_max, 3, H, W) padded crops, or (sum P_i, 3, H, W) -> (sum P_i, 3, H, W).
+
+        crops_per_image: P_i, what each image's size needs; sizes: the images' (height, width), for the errors.
+        """
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(crops_per_image):
+                raise ValueError(
+                    f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(sizes)}; expected one "
+                    "(height, width) per image"
+                )
+            if pixel_values.shape[1] < max(crops_per_image):
+                raise ValueError(
+                    f"pixel_values has {pixel_values.shape[1]} crops per image but image_sizes {sizes} need "
+                    f"{crops_per_image} (base view + grid crops of the best-fitting image_grid_pinpoints)"
+                )
+            return torch.cat([images[:count] for images, count in zip(pixel_values, crops_per_image)])
+        if pixel_values.shape[0] != sum(crops_per_image):
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} does not fit image_sizes {sizes}: expected "
+                f"(num_images, max_crops, 3, H, W) or ({sum(crops_per_image)}, 3, H, W) with crops {crops_per_image}"
+            )
+        return pixel_values
+
     def _attention_layer_index(self, feature_layer: int, settings: MethodConfig) -> int:
         """The encoder layer whose [CLS] attention a method reads (see ``_attention_inputs``)."""
         num_layers = self.config.vision_config.num_hidden_layers
