@@ -48,6 +48,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan, cls_attention
 from .compression_registry import method_function, update_compression
+from .input_checks import check_input_shapes
 from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
 from .sequence_packing import packed_width
 from .vision_importance import importance_score_kind, received_attention
@@ -262,80 +263,6 @@ class CompressedGenerationMixin:
                 f"{num_states - 1} layers; expected an int in [-{num_states}, {num_states - 1}]"
             )
         return layer
-
-    @staticmethod
-    def _check_input_shapes(
-        input_ids, attention_mask, labels, guidance_mask, guidance_input_ids, guidance_attention_mask
-    ) -> None:
-        """Shape checks on the host (no device reads), before any work: each names the argument and its shape."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a (batch_size, sequence_length) tensor, got {got}")
-        batch_size, length = input_ids.shape
-        if batch_size == 0 or length == 0:
-            raise ValueError(
-                f"input_ids of shape {tuple(input_ids.shape)} is empty; with pixel_values every image needs its "
-                "placeholder tokens in input_ids"
-            )
-        for name, value in (("attention_mask", attention_mask), ("labels", labels), ("guidance_mask", guidance_mask)):
-            if value is not None and tuple(value.shape) != (batch_size, length):
-                raise ValueError(
-                    f"{name} has shape {tuple(value.shape)}; expected {(batch_size, length)}, the shape of input_ids"
-                )
-        for name, value in (("guidance_input_ids", guidance_input_ids), ("guidance_attention_mask", guidance_attention_mask)):
-            if value is not None and (value.dim() != 2 or value.shape[0] != batch_size):
-                raise ValueError(
-                    f"{name} has shape {tuple(value.shape)}; expected ({batch_size}, guidance_length), one row per "
-                    "prompt of input_ids"
-                )
-        if (
-            guidance_input_ids is not None
-            and guidance_attention_mask is not None
-            and guidance_attention_mask.shape != guidance_input_ids.shape
-        ):
-            raise ValueError(
-                f"guidance_attention_mask has shape {tuple(guidance_attention_mask.shape)}; expected "
-                f"{tuple(guidance_input_ids.shape)}, the shape of guidance_input_ids"
-            )
-
-    def _check_pixel_values(self, pixel_values, leading: tuple[str, ...]) -> None:
-        """pixel_values must be a tensor of shape (*leading, channels, image_size, image_size) of the tower.
-
-        leading: the names of the leading dims of each accepted layout, e.g. ``("num_images",)``.
-        """
-        if not isinstance(pixel_values, torch.Tensor):
-            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        vision_config = self.config.vision_config
-        image_dims = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
-        shape = tuple(pixel_values.shape)
-        if all(len(shape) != len(dims) + 3 for dims in leading) or shape[-3:] != image_dims:
-            expected = " or ".join(f"({', '.join(dims)}, {', '.join(map(str, image_dims))})" for dims in leading)
-            raise ValueError(f"pixel_values has shape {shape}; expected {expected}")
-
-    @staticmethod
-    def _flatten_crops(pixel_values: torch.Tensor, crops_per_image: list[int], sizes: list) -> torch.Tensor:
-        """Multi-crop images: (I, P_max, 3, H, W) padded crops, or (sum P_i, 3, H, W) -> (sum P_i, 3, H, W).
-
-        crops_per_image: P_i, what each image's size needs; sizes: the images' (height, width), for the errors.
-        """
-        if pixel_values.dim() == 5:
-            if pixel_values.shape[0] != len(crops_per_image):
-                raise ValueError(
-                    f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(sizes)}; expected one "
-                    "(height, width) per image"
-                )
-            if pixel_values.shape[1] < max(crops_per_image):
-                raise ValueError(
-                    f"pixel_values has {pixel_values.shape[1]} crops per image but image_sizes {sizes} need "
-                    f"{crops_per_image} (base view + grid crops of the best-fitting image_grid_pinpoints)"
-                )
-            return torch.cat([images[:count] for images, count in zip(pixel_values, crops_per_image)])
-        if pixel_values.shape[0] != sum(crops_per_image):
-            raise ValueError(
-                f"pixel_values of shape {tuple(pixel_values.shape)} does not fit image_sizes {sizes}: expected "
-                f"(num_images, max_crops, 3, H, W) or ({sum(crops_per_image)}, 3, H, W) with crops {crops_per_image}"
-            )
-        return pixel_values
 
     def _attention_layer_index(self, feature_layer: int, settings: MethodConfig) -> int:
         """The encoder layer whose [CLS] attention a method reads (see ``_attention_inputs``)."""
@@ -617,7 +544,7 @@ class CompressedGenerationMixin:
             )
         feature_layer = self._vision_feature_layer(vision_feature_layer)
         attention_layer = self._attention_layer_index(feature_layer, settings) if settings.needs_attention else None
-        self._check_input_shapes(
+        check_input_shapes(
             input_ids, attention_mask, labels, guidance_mask, guidance_input_ids, guidance_attention_mask
         )
         image_token_id = self.config.image_token_id

@@ -56,6 +56,7 @@ from .compressed_generation import (
 )
 from .compression_common import apply_plan
 from .configuration_llava_rc import LlavaNextRCConfig, LlavaOnevisionRCConfig, LlavaRCConfig
+from .input_checks import check_pixel_values, flatten_crops
 
 
 class LlavaRCForConditionalGeneration(CompressedGenerationMixin, LlavaForConditionalGeneration):
@@ -73,7 +74,7 @@ class LlavaRCForConditionalGeneration(CompressedGenerationMixin, LlavaForConditi
 
     def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
         """One crop per image: pixel_values (I, 3, H, W) as they are."""
-        self._check_pixel_values(pixel_values, (("num_images",),))
+        check_pixel_values(pixel_values, self.config.vision_config, (("num_images",),))
         return pixel_values, [1] * pixel_values.shape[0]
 
     def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:
@@ -111,7 +112,7 @@ class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextFo
 
     def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
         """pixel_values (I, P_max, 3, H, W) padded crops (or (sum P_i, 3, H, W)) -> (sum P_i, 3, H, W)."""
-        self._check_pixel_values(pixel_values, (("num_images", "max_crops"), ("total_crops",)))
+        check_pixel_values(pixel_values, self.config.vision_config, (("num_images", "max_crops"), ("total_crops",)))
         sizes = self._image_sizes_list(image_sizes)
         crops_per_image = [
             image_size_to_num_patches(
@@ -121,7 +122,7 @@ class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextFo
             )
             for size in sizes
         ]
-        crops = self._flatten_crops(pixel_values, crops_per_image, sizes)
+        crops = flatten_crops(pixel_values, crops_per_image, sizes)
         return crops, crops_per_image
 
     def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:
@@ -281,7 +282,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
 
     def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
         """pixel_values (I, P_max, 3, H, W) padded crops (or (sum P_i, 3, H, W)) -> (sum P_i, 3, H, W)."""
-        self._check_pixel_values(pixel_values, (("num_images", "max_crops"), ("total_crops",)))
+        check_pixel_values(pixel_values, self.config.vision_config, (("num_images", "max_crops"), ("total_crops",)))
         geometry = self.image_geometry(image_sizes)
         crops_per_image = [
             image_size_to_num_patches(
@@ -293,7 +294,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
             else 1
             for size, patched in zip(geometry.sizes, geometry.patched)
         ]
-        crops = self._flatten_crops(pixel_values, crops_per_image, list(geometry.sizes))
+        crops = flatten_crops(pixel_values, crops_per_image, list(geometry.sizes))
         return crops, crops_per_image
 
     def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:
