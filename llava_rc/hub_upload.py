@@ -1,4 +1,5 @@
-"""Convert a stock LLaVA or LLaVA-NeXT checkpoint into a LLaVA-RC Hub repo (remote code), verify it, save/push it.
+"""Convert a stock LLaVA, LLaVA-NeXT or LLaVA-OneVision checkpoint into a LLaVA-RC Hub repo (remote code), verify
+it, save/push it.
 
 Console script ``llava-rc-upload`` (also ``python -m llava_rc.hub_upload``)::
 
@@ -230,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base",
         required=True,
-        help="llava-hf repo id or local directory of a stock LLaVA or LLaVA-NeXT model "
-        "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, ...)",
+        help="llava-hf repo id or local directory of a stock LLaVA, LLaVA-NeXT or LLaVA-OneVision model "
+        "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf, ...)",
     )
     parser.add_argument(
         "--method",
@@ -334,8 +335,8 @@ def check_base_config(base: str):
         raise SystemExit(f"cannot read the config of --base {base!r}: {error}") from error
     if config.model_type not in BASE_MODEL_TYPES:
         raise SystemExit(
-            f"--base {base!r} has model_type {config.model_type!r}; expected a stock LLaVA or LLaVA-NeXT checkpoint "
-            f"({' or '.join(repr(name) for name in BASE_MODEL_TYPES)})"
+            f"--base {base!r} has model_type {config.model_type!r}; expected a stock LLaVA, LLaVA-NeXT or "
+            f"LLaVA-OneVision checkpoint ({' or '.join(repr(name) for name in BASE_MODEL_TYPES)})"
         )
     return config
 
