@@ -380,6 +380,16 @@ class LlavaRCForVllm(nn.Module, SupportsMultiModal, SupportsPP):
         pixel_values: per image its processor output (LLaVA-1.5 (3, H, W); NeXT/OneVision (P, 3, H, W));
         image_sizes: per image (2,) or None; guidance_ids/guidance_mask: per image (T_i,) its request's question.
         """
+        batch = self.compressor.compress_inputs(
+            **self.prepass_inputs(pixel_values, image_sizes, settings, guidance_ids, guidance_mask)
+        )
+        image_slot = batch.packed.image_slot  # (I, L') index into the kept tokens, -1 elsewhere; one image per row
+        tokens = batch.inputs_embeds[image_slot >= 0]  # (sum K_i, D) image by image, each in reading order
+        return list(tokens.split(batch.report.kept_counts.tolist())), batch.report
+
+    def prepass_inputs(self, pixel_values, image_sizes, settings: MethodConfig, guidance_ids, guidance_mask) -> dict:
+        """The arguments of ``compress_inputs`` for images sharing ``settings``: one synthetic row per image, its
+        placeholder run then ("llm" guidance) its request's text tokens; the CLIP question rows ("clip")."""
         compressor = self.compressor
         if settings.method == "none":  # the stock tokens: every patch kept, in reading order (newlines in place)
             settings = update_compression(None, {"method": "random", "budget": 1.0})
@@ -387,7 +397,6 @@ class LlavaRCForVllm(nn.Module, SupportsMultiModal, SupportsPP):
         pixels, sizes = self._stack_pixels(pixel_values, image_sizes, device)
         crops, crops_per_image = compressor._image_crops(pixels, sizes)
         run_lengths = [layout.token_index.shape[0] for layout in compressor._image_token_layouts(crops_per_image, sizes)]
-        # One synthetic row per image: its placeholder run, then ("llm" guidance) its request's text tokens.
         llm_question = settings.guidance_source == "llm"
         text = [ids[mask.bool()] if llm_question else ids[:0] for ids, mask in zip(guidance_ids, guidance_mask)]
         width = max(run + row.shape[0] for run, row in zip(run_lengths, text))
@@ -407,9 +416,9 @@ class LlavaRCForVllm(nn.Module, SupportsMultiModal, SupportsPP):
                 clip_ids[row, : ids.shape[0]] = ids
                 clip_mask[row, : mask.shape[0]] = mask
             clip_ids, clip_mask = clip_ids.to(device), clip_mask.to(device)
-        batch = compressor.compress_inputs(
-            input_ids.to(device),
-            pixels,
+        return dict(
+            input_ids=input_ids.to(device),
+            pixel_values=pixels,
             attention_mask=attention_mask.to(device),
             settings=settings,
             guidance_input_ids=clip_ids,
@@ -417,9 +426,6 @@ class LlavaRCForVllm(nn.Module, SupportsMultiModal, SupportsPP):
             pad_left=False,
             image_sizes=sizes,
         )
-        image_slot = batch.packed.image_slot  # (I, L') index into the kept tokens, -1 elsewhere; one image per row
-        tokens = batch.inputs_embeds[image_slot >= 0]  # (sum K_i, D) image by image, each in reading order
-        return list(tokens.split(batch.report.kept_counts.tolist())), batch.report
 
     def _stack_pixels(self, pixel_values, image_sizes, device):
         """LLaVA-1.5: (I, 3, H, W)."""

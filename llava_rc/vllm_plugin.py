@@ -8,12 +8,11 @@ The serving code itself is ``llava_rc.vllm_model`` (docs/serving.md).
 ARCHITECTURES = {
     "LlavaRCForConditionalGeneration": "llava_rc.vllm_model:LlavaRCForVllm",
     "LlavaNextRCForConditionalGeneration": "llava_rc.vllm_model:LlavaNextRCForVllm",
-    "LlavaOnevisionRCForConditionalGeneration": "llava_rc.vllm_model:LlavaOnevisionRCForVllm",
-}
+}  # LLaVA-OneVision repos are not served yet (docs/serving.md#limits): vLLM reports the architecture unsupported.
 
 
 def register() -> None:
-    """Register the three architectures (a repo's ``config.architectures`` names one of them) and the package's
+    """Register the architectures (a repo's ``config.architectures`` names one of them) and the package's
     config/processor classes with transformers, so the installed package serves every llava-rc repo."""
     from vllm import ModelRegistry
 
