@@ -7,7 +7,7 @@ variants alternate round by round in the same run: ``stock`` (``{"method": "none
 LLaVA prompt) and the compressed ones. Reported per variant: medians over rounds of requests/s, generated tokens/s,
 mean and p90 TTFT, the prompt length; and ratios against stock.
 
-Plugin overhead (inside the engine, on the same model, one batch of ``--requests`` images): the plugin's encoder
+Plugin overhead (inside the engine, on the same model, one batch of ``--overhead-images`` images): the plugin's encoder
 (``embed_multimodal``: settings decoded, requests grouped, synthetic rows built, the transformers pre-pass, tokens
 split) against the transformers pre-pass alone (``compress_inputs`` on prepared rows), and against the stock path.
 The load average is recorded beside the numbers.
@@ -119,20 +119,19 @@ def plugin_overhead(llm, processor, variant: dict, batch_images, repeats: int) -
         pixels = list(inputs["pixel_values"])
         masks = [torch.ones_like(row) for row in text]
 
-        def timed(function):
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                function()
-                samples.append(time.perf_counter() - start)
-            return statistics.median(samples)
-
         with torch.no_grad():
             prepared = model.prepass_inputs(pixels, None, settings, text, masks)
-            return {
-                "plugin_encoder_s": timed(lambda: model.embed_multimodal(**kwargs)),
-                "prepass_only_s": timed(lambda: model.compressor.compress_inputs(**prepared)),
+            functions = {
+                "plugin_encoder_s": lambda: model.embed_multimodal(**kwargs),
+                "prepass_only_s": lambda: model.compressor.compress_inputs(**prepared),
             }
+            samples = {name: [] for name in functions}
+            for _ in range(repeats):  # alternating, so load drifts hit both alike
+                for name, function in functions.items():
+                    start = time.perf_counter()
+                    function()
+                    samples[name].append(time.perf_counter() - start)
+            return {name: statistics.median(values) for name, values in samples.items()}
 
     return llm.apply_model(measure)[0]
 
@@ -144,6 +143,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--overhead-images", type=int, default=8, help="images in the encoder-overhead batch")
+    parser.add_argument("--overhead-repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
@@ -173,7 +174,8 @@ def main() -> None:
                 rounds[name].append(run_round(llm, sampling, VARIANTS[name], batch))
             load.append(os.getloadavg())
         overhead = {
-            name: plugin_overhead(llm, processor, VARIANTS[name], images(99, args.requests, size), repeats=3)
+            name: plugin_overhead(llm, processor, VARIANTS[name], images(99, args.overhead_images, size),
+                                  repeats=args.overhead_repeats)
             for name in args.variants
         }
         load.append(os.getloadavg())
@@ -203,6 +205,8 @@ def main() -> None:
         "description": spec.description,
         "dtype": args.dtype,
         "requests_per_round": args.requests,
+        "overhead_images": args.overhead_images,
+        "overhead_repeats": args.overhead_repeats,
         "rounds": args.rounds,
         "max_tokens": args.max_tokens,
         "variants_settings": {name: VARIANTS[name] for name in args.variants},
