@@ -212,9 +212,11 @@ def stable_topk_indices(values: torch.Tensor, k: int, largest: bool) -> torch.Te
     num_values = values.shape[-1]
     bits = (values.float() + 0.0).view(torch.int32)  # (..., N); + 0.0 turns -0.0 into 0.0
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # (..., N) same order as the floats: negatives' magnitude flipped
-    index = torch.arange(num_values, device=values.device)  # (N,)
-    tie_break = (num_values - 1 - index) if largest else index  # lower index first
-    keys = ordered.long().mul_(num_values).add_(tie_break)  # (..., N) unique int64 keys
+    if largest:  # lower index first
+        tie_break = torch.arange(num_values - 1, -1, -1, device=values.device)  # (N,)
+    else:
+        tie_break = torch.arange(num_values, device=values.device)  # (N,)
+    keys = torch.add(tie_break, ordered, alpha=num_values)  # (..., N) unique int64 keys: ordered * N + tie_break
     return keys.topk(k, dim=-1, largest=largest, sorted=True).indices
 
 

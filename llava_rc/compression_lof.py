@@ -54,13 +54,22 @@ def lof_outlier_mask(values: torch.Tensor, valid: torch.Tensor | None = None, n_
     return torch.zeros_like(outlier).scatter_(1, order, outlier)  # (I, N) back to sample order
 
 
-def lof_outlier_count(values: torch.Tensor, valid: torch.Tensor | None = None, n_neighbors: int = 20) -> torch.Tensor:
-    """(I,) long: how many valid values of each row are LOF outliers (see ``lof_outlier_mask``)."""
+def lof_outlier_count(
+    values: torch.Tensor, valid: torch.Tensor | None = None, n_neighbors: int = 20, *, invalid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(I,) long: how many valid values of each row are LOF outliers (see ``lof_outlier_mask``).
+
+    invalid: (I, N) bool, the complement of ``valid``, for callers that hold it (one operator fewer); give one.
+    """
+    if invalid is not None:
+        if valid is not None:
+            raise ValueError("lof_outlier_count: give valid or invalid, not both")
+        return _sorted_outliers(values, None, n_neighbors, invalid)[0].sum(dim=-1)
     return _sorted_outliers(values, valid, n_neighbors)[0].sum(dim=-1)
 
 
 def _sorted_outliers(
-    values: torch.Tensor, valid: torch.Tensor | None, n_neighbors: int
+    values: torch.Tensor, valid: torch.Tensor | None, n_neighbors: int, invalid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """((I, N) bool outlier flag per sorted position, (I, N) sample index at each sorted position).
 
@@ -74,18 +83,20 @@ def _sorted_outliers(
         order = torch.arange(num_values, device=x.device).expand(num_rows, num_values)
         return torch.zeros_like(x, dtype=torch.bool), order
     width = min(n_neighbors, num_values - 1)  # W: candidates on each side, and neighbour columns
-    if valid is None:  # every row has N values: the neighbour count is the same for all, known on the host
+    if valid is not None:
+        invalid = ~valid
+    if invalid is None:  # every row has N values: the neighbour count is the same for all, known on the host
         # A tensor, not a Python number: CUDA divides by a host scalar as a product with its reciprocal.
         row_neighbors = torch.full((1, 1), width, dtype=torch.float32, device=x.device)
     else:
-        x = x.masked_fill(~valid, float("inf"))  # invalid values sort last
-        num_valid = valid.sum(dim=-1, keepdim=True).unsqueeze(-1)  # (I, 1, 1)
+        x = x.masked_fill(invalid, float("inf"))  # invalid values sort last
+        num_valid = num_values - invalid.sum(dim=-1, keepdim=True).unsqueeze(-1)  # (I, 1, 1)
         row_neighbors = (num_valid - 1).clamp(min=1, max=n_neighbors)  # (I, 1, 1) sklearn's n_neighbors_ per row
 
     # Two stable sorts: equal values in ascending sample index (``order``), and in descending (``reversed_order``,
     # a stable sort of the reversed row). Both list the same sorted values.
     sorted_values, order = x.sort(dim=-1, stable=True)  # (I, N) each
-    reversed_order = (num_values - 1) - x.flip(-1).sort(dim=-1, stable=True).indices  # (I, N)
+    reversed_order = x.sort(dim=-1, descending=True, stable=True).indices.flip(-1)  # (I, N)
 
     # Candidates of sorted position p: positions p - W .. p - 1 (left, W columns), then p + 1 .. p + W (right); out
     # of the row they read +inf (padding), so their distance is +inf and they rank last.
@@ -109,7 +120,7 @@ def _sorted_outliers(
     near_position = (near_column + (near_column >= width)).add_(first_candidate).flatten(1)  # (I, N * W)
 
     # LOF, per sorted position, in the neighbour order above (the same float32 sums as over all values).
-    if valid is None:
+    if invalid is None:
         k_distance = near_distances[..., width - 1]  # (I, N)
         reach = torch.maximum(near_distances, k_distance.gather(1, near_position).view_as(near_distances))
         density = 1.0 / (reach.sum(dim=-1) / row_neighbors + 1e-10)  # (I, N) local reachability density

@@ -213,11 +213,11 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     recovered = _recover(text, visual, recovered_count)  # (I, N)
 
     # 4. Cluster centres: the attention outliers among the remaining patches.
-    centre_count = lof_outlier_count(attention, ~(visual | recovered), config.lof_neighbors_merge)  # (I,)
+    centre_count = lof_outlier_count(attention, n_neighbors=config.lof_neighbors_merge, invalid=visual | recovered)
     # 6. At least one token per image: an empty plan keeps the top patch by attention (nothing was recovered).
-    visual_count = visual_count + ((visual_count + recovered_count + centre_count) == 0).long()  # (I,)
+    visual_count = visual_count + ((visual_count + recovered_count + centre_count) == 0)  # (I,)
     visual = attention_rank < visual_count.unsqueeze(-1)  # (I, N)
-    extra_count = (centre_count > 0).long()  # (I,) the extra token goes with R when there is no centre
+    extra_count = centre_count > 0  # (I,) the extra token goes with R when there is no centre
     if config.budget is not None:
         budget_tokens = resolve_budget(config.budget, num_patches)
         visual_count, recovered_count, centre_count, extra_count = _budget_counts(
@@ -256,7 +256,8 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     # Each centre's candidates: key cosine + text_weight * text score, only for the centres: (I, C, N), C the most
     # centres of any image, never (I, N, N).
     centre_patch = centre_order[:, :max_centres]  # (I, C) patch of each centre place
-    is_centre_slot = torch.arange(centre_patch.shape[1], device=device) < centre_count.unsqueeze(-1)  # (I, C)
+    centre_slot = torch.arange(centre_patch.shape[1], device=device)  # (C,)
+    is_centre_slot = centre_slot < centre_count.unsqueeze(-1)  # (I, C)
     keys = torch.nn.functional.normalize(inputs.patch_keys.float(), dim=-1)  # (I, N, A)
     centre_keys = keys.gather(1, centre_patch.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))  # (I, C, A)
     candidate_scores = centre_keys @ keys.transpose(1, 2)  # (I, C, N) centre x patch cosine
@@ -278,18 +279,16 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
 
     # Members of each output row: its own patch (weight 1; none for the extra token and padding), then for a
     # centre row its candidates (weight a_m); the extra token's weights a_m over the non-centre remaining patches.
-    centre_slot = (slot - kept_count.unsqueeze(-1)).clamp(0, max(max_centres - 1, 0))  # (I, K) centre of each row
-    is_centre_row = (slot >= kept_count.unsqueeze(-1)) & (slot < extra_row.unsqueeze(-1))  # (I, K)
-    if max_centres:
-        row_candidates = candidates.gather(1, centre_slot.unsqueeze(-1).expand(-1, -1, num_candidates))  # (I, K, M)
-        row_weights = candidate_weight.gather(1, centre_slot.unsqueeze(-1).expand(-1, -1, num_candidates))
-        row_weights = row_weights * is_centre_row.unsqueeze(-1)  # (I, K, M)
-    else:
-        row_candidates = source_index.new_zeros(num_images, max_count, num_candidates)
-        row_weights = attention.new_zeros(num_images, max_count, num_candidates)
+    # Centre c's candidates go to row kept + c; slots past an image's centres carry weight 0 (rows past the last
+    # are written to a spare row and dropped).
+    centre_row = (kept_count.unsqueeze(-1) + centre_slot).clamp_(max=max_count).unsqueeze(-1)  # (I, C, 1)
+    centre_row = centre_row.expand(-1, -1, num_candidates)  # (I, C, M)
+    row_candidates = candidates.new_zeros(num_images, max_count + 1, num_candidates).scatter_(1, centre_row, candidates)
+    row_weights = attention.new_zeros(num_images, max_count + 1, num_candidates).scatter_(1, centre_row, candidate_weight)
+    row_candidates, row_weights = row_candidates[:, :max_count], row_weights[:, :max_count]  # (I, K, M) each
     own = source_index.clamp(min=0).unsqueeze(-1)  # (I, K, 1)
     own_weight = (source_index >= 0).unsqueeze(-1).float()  # (I, K, 1)
-    with_extra = absorbed & (extra_count > 0).unsqueeze(-1)  # (I, N) patches summed into the extra token
+    with_extra = absorbed & extra_count.bool().unsqueeze(-1)  # (I, N) patches summed into the extra token
     return TokenPlan(
         source_index=source_index,
         counts=counts,
