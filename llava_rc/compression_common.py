@@ -109,10 +109,15 @@ class TokenPlan:
         """True when every output token is one original patch (no merge)."""
         return self.merge_weights is None and self.member_index is None
 
-    def dense_weights(self, num_patches: int) -> torch.Tensor | None:
-        """(I, K, N) float32 merge weights of a merging plan (the dense form; O(K N) memory), None for a selection."""
+    def dense_weights(self, num_patches: int | None = None) -> torch.Tensor | None:
+        """(I, K, N) float32 merge weights of a merging plan (the dense form; O(K N) memory), None for a selection.
+
+        num_patches: N; None reads it from ``extra_weights`` (a sparse plan without them needs it).
+        """
         if self.merge_weights is not None or self.member_index is None:
             return self.merge_weights
+        if num_patches is None:
+            num_patches = self.extra_weights.shape[-1]
         num_images, num_slots, _ = self.member_index.shape
         weights = torch.zeros(num_images, num_slots, num_patches, device=self.member_index.device)  # (I, K, N)
         weights.scatter_add_(2, self.member_index, self.member_weights)
