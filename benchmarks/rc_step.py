@@ -27,6 +27,8 @@ implementation before issue 28 (dense (I, K, N) plans, ``tests/reference_step.py
 
 import argparse
 import itertools
+import os
+import time
 import json
 import platform
 import statistics
@@ -38,7 +40,8 @@ import torch
 import transformers
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from bench_common import timed, write_readme_section  # benchmarks/bench_common.py
+import bench_common
+from bench_common import timed, use_cpu_time, write_readme_section  # benchmarks/bench_common.py
 from llava_rc.compression_common import CompressionInputs, apply_plan, cls_attention
 from llava_rc.compression_rc import RCConfig, compress_rc
 
@@ -249,6 +252,8 @@ def write_scaling_run(label: str, crop_seconds: float, rows: list[dict]) -> None
         "transformers": transformers.__version__,
         "geometry": "one image of N patches, C = A = 1024, 16 heads; tower: CLIP ViT-L/14-336, N / 576 crops",
         "tower_seconds_per_crop": crop_seconds,
+        "clock": "process CPU time" if bench_common._clock is time.process_time else "wall time",
+        "load_average": os.getloadavg(),
         "rows": rows,
         "growth_exponents": growth_exponents(rows),
     }
@@ -322,6 +327,8 @@ def main() -> None:
                         help="--scaling: also time the implementation before issue 28 (tests/reference_step.py)")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="--scaling: stop repeating after this")
     parser.add_argument("--tower-repeats", type=int, default=3)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--scaling: time with this process's CPU time (one thread, shared machine)")
     parser.add_argument("--no-released", action="store_true", help="skip the released structure (needs sklearn)")
     parser.add_argument("--scaling-table", action="store_true", help="print the before/after table and exit")
     args = parser.parse_args()
@@ -329,6 +336,8 @@ def main() -> None:
         print(scaling_table())
         return
     if args.scaling:
+        if args.cpu_time:
+            use_cpu_time()
         scaling(args)
         return
     device = torch.device(args.device)

@@ -110,9 +110,10 @@ def split_budget(budget: int | float, sizes: list[int]) -> list[int]:
     return [end - start for start, end in zip([0, *ends[:-1]], ends)]
 
 
-# Bytes of float32 transition rows G-Prune holds at once (a chunk of rows, or the rows kept across steps): the graph
-# is never materialised whole, so memory stays O(budget + N D) instead of O(N^2) (about 565 MB at N = 5,760).
-GRAPH_MEMORY_BYTES = 48 * 2**20
+# Bytes of float32 transition rows G-Prune holds at once: half for the chunk being built, half for rows kept across
+# steps. The graph is never materialised whole, so memory stays about this budget plus O(N) whatever N is (the dense
+# (N, N) graph and its temporaries took about 565 MB at N = 5,760).
+GRAPH_MEMORY_BYTES = 56 * 2**20
 
 
 def graph_scores(features: torch.Tensor, threshold: float, temperature: float, steps: int) -> torch.Tensor:
@@ -130,8 +131,8 @@ def graph_scores(features: torch.Tensor, threshold: float, temperature: float, s
     norms = torch.linalg.vector_norm(features, dim=-1)  # (I, N)
     inverse_norms = 1.0 / norms.clamp(min=1e-12)  # (I, N), as ``normalize``'s eps
     row_bytes = num_images * num_tokens * 4  # one float32 row of P per image
-    # A chunk needs about four (I, R, N) buffers while it is built (similarity, logits, softmax, edges).
-    chunk_rows = max(1, min(num_tokens, GRAPH_MEMORY_BYTES // (4 * row_bytes)))
+    # A chunk needs at most four (I, R, N) float32 buffers while it is built (matmul, softmax, edges, slack).
+    chunk_rows = max(1, min(num_tokens, GRAPH_MEMORY_BYTES // 2 // (4 * row_bytes)))
     starts = range(0, num_tokens, chunk_rows)
     kept_rows = max(0, GRAPH_MEMORY_BYTES // 2 // row_bytes)  # rows of P kept across steps (half the budget)
     token_index = torch.arange(num_tokens, device=device)  # (N,)
@@ -140,13 +141,19 @@ def graph_scores(features: torch.Tensor, threshold: float, temperature: float, s
         """((I, R, N) rows start..start + R of P, (I, N) edges of those rows ending at each node)."""
         rows = slice(start, start + chunk_rows)
         similarity = features[:, rows] @ features.transpose(1, 2)  # (I, R, N)
-        similarity = similarity * inverse_norms[:, rows].unsqueeze(-1) * inverse_norms.unsqueeze(1)  # cosine
+        similarity.mul_(inverse_norms[:, rows].unsqueeze(-1)).mul_(inverse_norms.unsqueeze(1))  # cosine
         self_loops = token_index[rows].unsqueeze(-1) == token_index  # (R, N)
         edges = (similarity >= threshold) | self_loops  # (I, R, N)
-        logits = (similarity / temperature).masked_fill_(~edges, float("-inf"))
+        logits = similarity.div_(temperature).masked_fill_(~edges, float("-inf"))  # in place: one buffer
         return logits.softmax(dim=-1), edges.sum(dim=1)  # rows sum to 1; (I, N)
 
     signal = norms  # (I, N)
+    if chunk_rows == num_tokens:  # the whole graph fits in one chunk: build it once, then vector-matrix products
+        transition, degree = transition_rows(0)  # (I, N, N), (I, N)
+        signal = signal.unsqueeze(1)  # (I, 1, N)
+        for _ in range(steps):
+            signal = signal @ transition  # (I, 1, N)
+        return signal.squeeze(1) / degree
     degree = torch.zeros(num_images, num_tokens, dtype=torch.long, device=device)  # (I, N): edges ending at a node
     cache: dict[int, torch.Tensor] = {}
     for step in range(steps):
