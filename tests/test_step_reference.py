@@ -138,3 +138,35 @@ def test_gprune_keeps_what_the_dense_graph_kept(monkeypatch):
             torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
             count = max(1, num_tokens // 2)
             assert torch.equal(select_mask(scores, count), select_mask(expected, count))
+
+
+VIEWS = {"aten::view", "aten::unsqueeze", "aten::squeeze", "aten::flatten", "aten::expand", "aten::expand_as",
+         "aten::slice", "aten::select", "aten::transpose", "aten::view_as", "aten::detach", "aten::lift_fresh",
+         "aten::alias", "aten::permute", "aten::t", "aten::unfold", "aten::as_strided", "aten::_unsafe_view"}
+
+
+def operators_per_call(function) -> int:
+    """Top-level aten operators of one call that are not views (each a kernel launch on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    function()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        function()
+    count = 0
+    for event in profiler.events():
+        if not event.name.startswith("aten::") or event.name in VIEWS:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        copies = any(child.name not in VIEWS for child in event.cpu_children)
+        if parent is None and (copies or event.name not in ("aten::to", "aten::reshape", "aten::contiguous")):
+            count += 1
+    return count
+
+
+def test_adaptive_rc_dispatches_at_most_200_operators():
+    """Issue 28: 512 before (the three LOF passes 135 each); a GPU pays a launch for each at batch 1."""
+    inputs = random_inputs(torch.Generator().manual_seed(1), 1, 576)
+    assert operators_per_call(lambda: lof_outlier_count(inputs.text_scores, None, 20)) <= 40
+    assert operators_per_call(lambda: compress_rc(inputs, RCConfig())) <= 200
