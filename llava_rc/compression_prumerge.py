@@ -259,8 +259,9 @@ def with_top_patch(chosen: torch.Tensor, attention: torch.Tensor) -> torch.Tenso
 def strict_iqr_outliers(attention: torch.Tensor) -> torch.Tensor:
     """(I, N) bool: ``attention > Q3 + 1.5 * IQR`` per image (possibly none), quartiles by linear interpolation as
     numpy's default percentile."""
-    quartiles = torch.quantile(attention, attention.new_tensor([0.25, 0.75]), dim=-1, keepdim=True)  # (2, I, 1)
-    first, third = quartiles[0], quartiles[1]  # (I, 1) each
+    # Python-float quantiles: a tensor of them would be copied from the host, a sync that breaks CUDA-graph capture.
+    first = torch.quantile(attention, 0.25, dim=-1, keepdim=True)  # (I, 1)
+    third = torch.quantile(attention, 0.75, dim=-1, keepdim=True)  # (I, 1)
     return attention > third + 1.5 * (third - first)  # (I, N)
 
 
