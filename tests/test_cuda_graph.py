@@ -31,7 +31,8 @@ FIXED_BUDGET = {
 
 def on_cuda(inputs: CompressionInputs) -> CompressionInputs:
     fields = {field.name: getattr(inputs, field.name) for field in dataclasses.fields(inputs)}
-    return CompressionInputs(**{name: value.cuda() if torch.is_tensor(value) else value for name, value in fields.items()})
+    return CompressionInputs(**{name: value.cuda() if torch.is_tensor(value) else value
+                                for name, value in fields.items()})
 
 
 @pytest.mark.parametrize("name", sorted(FIXED_BUDGET))
