@@ -55,7 +55,11 @@ def lof_outlier_mask(values: torch.Tensor, valid: torch.Tensor | None = None, n_
 
 
 def lof_outlier_count(
-    values: torch.Tensor, valid: torch.Tensor | None = None, n_neighbors: int = 20, *, invalid: torch.Tensor | None = None
+    values: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    n_neighbors: int = 20,
+    *,
+    invalid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(I,) long: how many valid values of each row are LOF outliers (see ``lof_outlier_mask``).
 

@@ -184,8 +184,9 @@ def merge_plan(inputs: CompressionInputs, config: PruMergeConfig, attention: tor
 
     attention: (I, N) float32; chosen: (I, N) bool, the adaptive set; priority: (I, N) ranking for a budget.
     Returns K output rows per image: the kept patches in raster order, then the extra token (source_index -1),
-    then padding, as a sparse merge plan (``TokenPlan``: members (I, K, 1 + k), the extra token's weights (I, N)). K = ``resolve_budget(budget, N)`` with a budget (known on the host),
-    else the largest count in the batch (one host sync).
+    then padding, as a sparse merge plan (``TokenPlan``: members (I, K, 1 + k), the extra token's weights (I, N)).
+    K = ``resolve_budget(budget, N)`` with a budget (known on the host), else the largest count in the batch (one
+    host sync).
     """
     num_images, num_patches = attention.shape
     if config.budget is None:

@@ -283,8 +283,9 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     # are written to a spare row and dropped).
     centre_row = (kept_count.unsqueeze(-1) + centre_slot).clamp_(max=max_count).unsqueeze(-1)  # (I, C, 1)
     centre_row = centre_row.expand(-1, -1, num_candidates)  # (I, C, M)
-    row_candidates = candidates.new_zeros(num_images, max_count + 1, num_candidates).scatter_(1, centre_row, candidates)
-    row_weights = attention.new_zeros(num_images, max_count + 1, num_candidates).scatter_(1, centre_row, candidate_weight)
+    frame = (num_images, max_count + 1, num_candidates)  # (I, K + 1, M), the last row spare
+    row_candidates = candidates.new_zeros(frame).scatter_(1, centre_row, candidates)
+    row_weights = attention.new_zeros(frame).scatter_(1, centre_row, candidate_weight)
     row_candidates, row_weights = row_candidates[:, :max_count], row_weights[:, :max_count]  # (I, K, M) each
     own = source_index.clamp(min=0).unsqueeze(-1)  # (I, K, 1)
     own_weight = (source_index >= 0).unsqueeze(-1).float()  # (I, K, 1)
