@@ -27,9 +27,11 @@ the stock one. ``guidance="clip"`` is not available (no CLIP text space); ``"llm
 input embeddings with the image tokens, which live in the language model's space already.
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+import transformers
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
@@ -163,6 +165,11 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         (B, L) or None. pad_left: re-pad side; None keeps the caller's side.
         """
         settings = settings if settings is not None else self.compression_settings()
+        if "mm_encoder_outputs" not in inspect.signature(self._stock().forward).parameters:
+            raise ValueError(
+                f"compression on Qwen-VL needs transformers >= 5.23 (generate's mm_encoder_outputs); this is "
+                f"{transformers.__version__}. Upgrade transformers, or use compression={{'method': 'none'}}"
+            )
         if settings.guidance_source == "clip":
             raise ValueError("guidance='clip' is not supported on Qwen-VL (no CLIP text tower); use guidance='llm'")
         if image_grid_thw is None:

@@ -1,9 +1,13 @@
 """Qwen2.5-VL-RC and Qwen3-VL-RC on tiny random models: compression off (and keep-all) is the stock model, a batch is
 each row alone for every method, positions continue, the importance is the tower's own attention, training works."""
 
+import inspect
+import tempfile
+
 import pytest
 import torch
-from transformers import AttentionInterface
+import transformers
+from transformers import AttentionInterface, AutoModelForImageTextToText
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import eager_attention_forward
 
@@ -12,6 +16,12 @@ from llava_rc.compression_registry import METHODS
 from test_method_matrix import METHOD_ROWS
 from tiny_qwen import FAMILIES, GRIDS, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, make_qwen_batch, qwen_stock_twin
 from tiny_qwen import tiny_qwen2_5_config_dict, unpad_qwen_row
+
+# Compression on Qwen needs generate's mm_encoder_outputs (transformers >= 5.23); CI also runs the oldest supported 5.17.
+pytestmark = pytest.mark.skipif(
+    "mm_encoder_outputs" not in inspect.signature(transformers.Qwen2_5_VLForConditionalGeneration.forward).parameters,
+    reason="Qwen-VL compression needs transformers >= 5.23",
+)
 
 GREEDY = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
 # Row 0: two images of different grids; row 1: a text-only row; row 2: one image of a third grid (left padding).
@@ -297,3 +307,21 @@ def test_config_from_a_stock_config_dict_loads_the_stock_weights_strictly():
     assert config.model_type == "qwen2_5_vl_rc" and config.compression["method"] == "trsm"
     model = Qwen2_5_VLRCForConditionalGeneration(config)
     model.load_state_dict(stock.state_dict(), strict=True)
+
+
+def test_transformers_contracts_tuple_output_hidden_states_and_save_load():
+    model = tiny("qwen2_5_vl", {"method": "cls_attention", "budget": 3})
+    batch = make_qwen_batch([5, 3], [[GRIDS[0], GRIDS[1]], [GRIDS[2]]], seed=14)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100)
+    with torch.no_grad():
+        as_tuple = model(**batch, labels=labels, return_dict=False)
+        as_output = model(**batch, labels=labels, output_hidden_states=True)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_output.loss)
+    assert torch.equal(as_tuple[1], as_output.logits)
+    assert all(state.shape[1] == as_output.logits.shape[1] for state in as_output.hidden_states)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        loaded = AutoModelForImageTextToText.from_pretrained(directory).eval()
+    assert type(loaded) is type(model) and loaded.config.compression == model.config.compression
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
