@@ -1,5 +1,5 @@
-"""Convert a stock LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint into an RC Hub repo (remote code), verify
-it, save/push it.
+"""Convert a stock LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint into an RC Hub repo (remote
+code), verify it, save/push it.
 
 Console script ``llava-rc-upload`` (also ``python -m llava_rc.hub_upload``)::
 
@@ -343,7 +343,8 @@ def check_base_config(base: str):
     if config.model_type not in BASE_MODEL_TYPES:
         raise SystemExit(
             f"--base {base!r} has model_type {config.model_type!r}; expected a stock LLaVA, LLaVA-NeXT, "
-            f"LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint ({' or '.join(repr(name) for name in BASE_MODEL_TYPES)})"
+            f"LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint "
+            f"({' or '.join(repr(name) for name in BASE_MODEL_TYPES)})"
         )
     return config
 

@@ -77,8 +77,9 @@ class QwenCompressedBatch:
 
 
 class QwenVLCompressionMixin(CompressedGenerationMixin):
-    """Compression for a Qwen-VL ``...ForConditionalGeneration`` (put it first in the bases). Hooks: ``_importance_block``
-    (the ViT block whose attention ranks tokens), ``_window_index`` (the permutation of merge units the ViT runs on, or
+    """Compression for a Qwen-VL ``...ForConditionalGeneration`` (put it first in the bases).
+
+    Hooks: ``_importance_block`` (the ViT block whose attention ranks tokens), ``_window_index`` (the permutation of merge units the ViT runs on, or
     None), ``_apply_rotary`` (the tower's rotary embedding of q/k)."""
 
     def _init_guidance_modules(self, config) -> None:

@@ -17,7 +17,7 @@ from test_method_matrix import METHOD_ROWS
 from tiny_qwen import FAMILIES, GRIDS, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, make_qwen_batch, qwen_stock_twin
 from tiny_qwen import tiny_qwen2_5_config_dict, unpad_qwen_row
 
-# Compression on Qwen needs generate's mm_encoder_outputs (transformers >= 5.23); CI also runs the oldest supported 5.17.
+# Compression on Qwen needs generate's mm_encoder_outputs (transformers >= 5.23); CI also runs the oldest, 5.17.
 pytestmark = pytest.mark.skipif(
     "mm_encoder_outputs" not in inspect.signature(transformers.Qwen2_5_VLForConditionalGeneration.forward).parameters,
     reason="Qwen-VL compression needs transformers >= 5.23",

@@ -17,7 +17,7 @@ import transformers
 from llava_rc.hub_upload import check_base_config, family, load_and_convert, run_without_llava_rc
 from tiny_qwen import FAMILIES, GRIDS, PAD_TOKEN_ID, make_qwen_batch, qwen_stock_twin
 
-# Compression on Qwen needs generate's mm_encoder_outputs (transformers >= 5.23); CI also runs the oldest supported 5.17.
+# Compression on Qwen needs generate's mm_encoder_outputs (transformers >= 5.23); CI also runs the oldest, 5.17.
 pytestmark = pytest.mark.skipif(
     "mm_encoder_outputs" not in inspect.signature(transformers.Qwen2_5_VLForConditionalGeneration.forward).parameters,
     reason="Qwen-VL compression needs transformers >= 5.23",
