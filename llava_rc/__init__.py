@@ -45,8 +45,8 @@ def register_auto_classes() -> None:
     """Register the configs, models and processor with transformers' Auto classes (once; later calls do nothing).
 
     Local use: ``AutoConfig`` / ``AutoModelForImageTextToText`` / ``AutoProcessor`` resolve model_type "llava_rc",
-    "llava_next_rc", "llava_onevision_rc", "qwen2_5_vl_rc" and "qwen3_vl_rc" without remote code. Hub use: ``save_pretrained`` writes ``auto_map``
-    and copies the model code next to the weights.
+    "llava_next_rc", "llava_onevision_rc", "qwen2_5_vl_rc" and "qwen3_vl_rc" without remote code. Hub use:
+    ``save_pretrained`` writes ``auto_map`` and copies the model code next to the weights.
     """
     global _registered
     if _registered:

@@ -79,8 +79,9 @@ class QwenCompressedBatch:
 class QwenVLCompressionMixin(CompressedGenerationMixin):
     """Compression for a Qwen-VL ``...ForConditionalGeneration`` (put it first in the bases).
 
-    Hooks: ``_importance_block`` (the ViT block whose attention ranks tokens), ``_window_index`` (the permutation of merge units the ViT runs on, or
-    None), ``_apply_rotary`` (the tower's rotary embedding of q/k)."""
+    Hooks: ``_importance_block`` (the ViT block whose attention ranks tokens), ``_window_index`` (the permutation of
+    merge units the ViT runs on, or None), ``_apply_rotary`` (the tower's rotary embedding of q/k).
+    """
 
     def _init_guidance_modules(self, config) -> None:
         self.guidance_text_model = None  # no CLIP text tower: "clip" guidance is refused by the config
