@@ -295,11 +295,13 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         position_ids = torch.cat([packed.position_ids.unsqueeze(0).to(spatial.device), spatial])  # (4, B, L')
         rope_deltas = (spatial.amax(dim=(0, 2)) + 1 - real_new.sum(dim=1)).unsqueeze(1)  # (B, 1)
 
-        kept = image_tokens.flatten(0, 1)[slot[is_slot]]  # (sum kept, D x (1 + L)) in sequence order
-        kept_tokens, *kept_levels = kept.split(width, dim=-1)
-        fields = {"pooler_output": (kept_tokens,)}
+        kept = image_tokens.flatten(0, 1)[slot[is_slot].to(image_tokens.device)]  # (sum kept, D x (1 + L))
+        kept_tokens, *kept_levels = kept.split(width, dim=-1)  # in sequence order, image after image
+        # Per image, as the stock encoder returns them: generate() splits them by rows for beams and return sequences.
+        kept_counts = plan.counts.tolist()
+        fields = {"pooler_output": kept_tokens.split(kept_counts)}
         if deepstack:
-            fields["deepstack_features"] = [(level,) for level in kept_levels]
+            fields["deepstack_features"] = [level.split(kept_counts) for level in kept_levels]
         encoder_outputs = {"image": type(vision)(**fields)}
 
         position = torch.arange(plan.source_index.shape[1], device=device)  # (K,)

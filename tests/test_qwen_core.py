@@ -55,6 +55,13 @@ def test_keeping_every_token_is_bit_identical_to_stock(family):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, stock(**batch).logits)
     assert torch.equal(model.generate(**batch, **GREEDY), stock.generate(**batch, **GREEDY))
+    # Beams and several sequences per prompt repeat each row's kept tokens with its row.
+    assert torch.equal(model.generate(**batch, num_beams=2, **GREEDY), stock.generate(**batch, num_beams=2, **GREEDY))
+    sampled = []
+    for candidate in (model, stock):
+        torch.manual_seed(0)
+        sampled.append(candidate.generate(**batch, num_return_sequences=2, max_new_tokens=4, do_sample=True, top_k=5))
+    assert torch.equal(*sampled)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
