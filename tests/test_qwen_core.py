@@ -332,3 +332,19 @@ def test_transformers_contracts_tuple_output_hidden_states_and_save_load():
     assert type(loaded) is type(model) and loaded.config.compression == model.config.compression
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_attention_sinks_are_counted_in_patches_and_scores_still_sum_to_one_per_image():
+    plain = tiny("qwen2_5_vl", {"method": "cls_attention", "budget": 3})
+    with_sinks = tiny("qwen2_5_vl", {"method": "cls_attention", "budget": 3}, attention_sinks=2)
+    batch = make_qwen_batch([4], [[GRIDS[1], GRIDS[2]]], seed=15)
+    hidden = plain.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                            output_hidden_states=True).hidden_states
+    sizes = batch["image_grid_thw"].prod(-1).tolist()
+    units = [size // 4 for size in sizes]
+    base = plain._merge_unit_importance(hidden[3], batch["image_grid_thw"], sizes)[0]
+    cleaned = with_sinks._merge_unit_importance(hidden[3], batch["image_grid_thw"], sizes)[0]
+    for scores in (base, cleaned):
+        torch.testing.assert_close(scores.split(units)[0].sum(), torch.tensor(1.0))
+        torch.testing.assert_close(scores.split(units)[1].sum(), torch.tensor(1.0))
+    assert not torch.allclose(cleaned, base)  # the option reaches the Qwen statistic
