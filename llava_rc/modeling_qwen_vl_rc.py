@@ -190,14 +190,18 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
                 f"{sum(patch_sizes)}"
             )
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
-        host_counts = torch.cat(
-            [torch.stack([is_image.sum(), (~real[:, -1]).any().long()]), is_image.sum(dim=1)]
-        ).tolist()
-        num_placeholders, ends_with_padding = host_counts[:2]
+        host_counts = torch.stack([is_image.sum(), (~real[:, -1]).any().long(), (is_image & ~real).sum()]).tolist()
+        num_placeholders, ends_with_padding, masked_placeholders = host_counts
         if num_placeholders != sum(run_lengths):
             raise ValueError(
                 f"input_ids has {num_placeholders} image tokens but image_grid_thw {grids} gives {run_lengths} "
                 f"tokens per image (expected {sum(run_lengths)} image tokens)"
+            )
+        if masked_placeholders:
+            raise ValueError(
+                f"attention_mask is 0 on {masked_placeholders} image placeholder position(s): compression reads every "
+                "image token of the prompt, so a masked image would silently drop out or misalign. Set the mask to 1 "
+                "on the image tokens (0 only on padding), or pass compression={'method': 'none'}"
             )
         if pad_left is None:
             pad_left = not ends_with_padding
@@ -422,6 +426,8 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
             **stock_kwargs,
         )
         self.model.rope_deltas = batch.rope_deltas
+        if outputs.past_key_values is not None:  # it holds the compressed prompt: generate() refuses to continue it
+            setattr(outputs.past_key_values, COMPRESSED_CACHE_FLAG, True)
         return LlavaRCCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
@@ -446,9 +452,10 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         """
         if getattr(kwargs.get("past_key_values"), COMPRESSED_CACHE_FLAG, False):
             raise ValueError(
-                "past_key_values come from a compressed generate(): they hold the compressed prompt, which no longer "
-                "lines up with out.sequences. Continue without the cache: generate(input_ids=out.sequences, "
-                "pixel_values=..., image_grid_thw=..., attention_mask=...) compresses the images again"
+                "past_key_values were filled from a compressed prompt (by generate() or forward() with compression "
+                "on): they no longer line up with the caller's input_ids. Continue without the cache: "
+                "generate(input_ids=out.sequences, pixel_values=..., image_grid_thw=..., attention_mask=...) "
+                "compresses the images again"
             )
         settings = self.compression_settings(compression)
         self._refuse_video(settings.method, kwargs.get("pixel_values_videos"))

@@ -278,8 +278,11 @@ def test_continuation_rules_match_llava():
     model = tiny("qwen2_5_vl", {"method": "cls_attention", "budget": 3})
     batch = make_qwen_batch([4], [[GRIDS[1]]], seed=12)
     out = model.generate(**batch, return_dict_in_generate=True, **GREEDY)
-    with pytest.raises(ValueError, match="past_key_values come from a compressed generate"):
+    with pytest.raises(ValueError, match="past_key_values were filled from a compressed prompt"):
         model.generate(input_ids=out.sequences, past_key_values=out.past_key_values, **GREEDY)
+    forward_cache = model(**batch, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="past_key_values were filled from a compressed prompt"):
+        model.generate(input_ids=out.sequences, past_key_values=forward_cache, **GREEDY)
     with pytest.raises(ValueError, match="non-empty past_key_values"):
         model(**batch, past_key_values=out.past_key_values)
     # Continuing without the cache compresses again and extends the caller's sequence.
@@ -300,6 +303,9 @@ def test_bad_inputs_are_explained():
         model(**{**batch, "image_grid_thw": None})
     with pytest.raises(ValueError, match="input_ids has 24 image tokens but image_grid_thw"):
         model(**{**batch, "image_grid_thw": torch.tensor([[1, 8, 8]]), "pixel_values": batch["pixel_values"][:64]})
+    masked = batch["attention_mask"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, 0)
+    with pytest.raises(ValueError, match="attention_mask is 0 on 24 image placeholder"):
+        model(**{**batch, "attention_mask": masked})
     with pytest.raises(ValueError, match="guidance='clip' is not supported"):
         model(**batch, compression={"method": "rc", "guidance": "clip"})
     with pytest.raises(ValueError, match="cls_attention' needs a vision tower with a \\[CLS\\]"):
