@@ -107,7 +107,9 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         keys (U, A), num_heads).
 
         block_input: (S, C) the importance block's input, S ViT patches in the order the ViT runs them (Qwen2.5-VL:
-        window-permuted merge units of 4 consecutive patches); sizes: the S patches per image (t * h * w, host ints).
+        window-permuted merge units of 4 consecutive patches); sizes: the S patches per image (t * h * w, host ints;
+        an image has t = 1, the processor repeating a still image over the temporal patch, so an image is one
+        attention segment).
         A loop over images (each attends only to itself, and images differ in size): the documented loop over image
         geometries.
         """
