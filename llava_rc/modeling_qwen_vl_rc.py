@@ -43,17 +43,13 @@ from transformers.utils.generic import can_return_tuple
 from .compressed_generation import (
     COMPRESSED_CACHE_FLAG,
     GUIDANCE_INPUTS,
-    SYNTHETIC_SOURCE,
     CompressedGenerationMixin,
-    CompressionReport,
-    CropSignals,
-    ImageLayout,
     LlavaRCCausalLMOutputWithPast,
-    host_to_device,
 )
 from .compression_common import MethodConfig, apply_plan
 from .configuration_qwen_vl_rc import Qwen2_5_VLRCConfig, Qwen3VLRCConfig
 from .input_checks import check_input_shapes
+from .planning import SYNTHETIC_SOURCE, CompressionReport, CropSignals, ImageLayout, host_to_device
 from .sequence_packing import PackedSequence, pack_sequences
 from .vision_importance import received_attention
 
