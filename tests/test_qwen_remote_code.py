@@ -109,4 +109,4 @@ def test_qwen_repos_load_through_remote_code_in_a_fresh_process(repos):
             assert report["kept_counts"] == [6, 2, 1]
     names = {path.name for path in (root / "qwen3_vl_converted").iterdir()}
     assert {"config.json", "model.safetensors", "configuration_qwen_vl_rc.py", "modeling_qwen_vl_rc.py",
-            "configuration_llava_rc.py", "compressed_generation.py", "vision_importance.py"} <= names
+            "configuration_llava_rc.py", "compressed_generation.py", "planning.py", "vision_importance.py"} <= names
