@@ -32,6 +32,10 @@ _EXPORTS = {
     "TokenPlan": "compression_common",
     "anyres_token_counts": "modeling_llava_rc",
     "parse_compression": "compression_registry",
+    "Qwen2_5_VLRCConfig": "configuration_qwen_vl_rc",
+    "Qwen2_5_VLRCForConditionalGeneration": "modeling_qwen_vl_rc",
+    "Qwen3VLRCConfig": "configuration_qwen_vl_rc",
+    "Qwen3VLRCForConditionalGeneration": "modeling_qwen_vl_rc",
     "update_compression": "compression_registry",
 }
 _registered = False
@@ -41,8 +45,8 @@ def register_auto_classes() -> None:
     """Register the configs, models and processor with transformers' Auto classes (once; later calls do nothing).
 
     Local use: ``AutoConfig`` / ``AutoModelForImageTextToText`` / ``AutoProcessor`` resolve model_type "llava_rc",
-    "llava_next_rc" and "llava_onevision_rc" without remote code. Hub use: ``save_pretrained`` writes ``auto_map``
-    and copies the model code next to the weights.
+    "llava_next_rc", "llava_onevision_rc", "qwen2_5_vl_rc" and "qwen3_vl_rc" without remote code. Hub use:
+    ``save_pretrained`` writes ``auto_map`` and copies the model code next to the weights.
     """
     global _registered
     if _registered:
@@ -53,17 +57,21 @@ def register_auto_classes() -> None:
     from .modeling_llava_rc import LlavaNextRCForConditionalGeneration, LlavaOnevisionRCForConditionalGeneration
     from .modeling_llava_rc import LlavaRCForConditionalGeneration
     from .processing_llava_rc import LlavaRCProcessor
+    from .configuration_qwen_vl_rc import Qwen2_5_VLRCConfig, Qwen3VLRCConfig
+    from .modeling_qwen_vl_rc import Qwen2_5_VLRCForConditionalGeneration, Qwen3VLRCForConditionalGeneration
 
     for config_class, model_class in (
         (LlavaRCConfig, LlavaRCForConditionalGeneration),
         (LlavaNextRCConfig, LlavaNextRCForConditionalGeneration),
         (LlavaOnevisionRCConfig, LlavaOnevisionRCForConditionalGeneration),
+        (Qwen2_5_VLRCConfig, Qwen2_5_VLRCForConditionalGeneration),
+        (Qwen3VLRCConfig, Qwen3VLRCForConditionalGeneration),
     ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
         config_class.register_for_auto_class()
         model_class.register_for_auto_class("AutoModelForImageTextToText")
-    # LLaVA-NeXT and OneVision repos carry their stock processors.
+    # LLaVA-NeXT, OneVision and Qwen repos carry their stock processors.
     AutoProcessor.register(LlavaRCConfig, LlavaRCProcessor, exist_ok=True)
     LlavaRCProcessor.register_for_auto_class()
     _registered = True

@@ -1,5 +1,5 @@
-"""Convert a stock LLaVA, LLaVA-NeXT or LLaVA-OneVision checkpoint into a LLaVA-RC Hub repo (remote code), verify
-it, save/push it.
+"""Convert a stock LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint into an RC Hub repo (remote
+code), verify it, save/push it.
 
 Console script ``llava-rc-upload`` (also ``python -m llava_rc.hub_upload``)::
 
@@ -10,7 +10,9 @@ Console script ``llava-rc-upload`` (also ``python -m llava_rc.hub_upload``)::
 A ``llava`` base becomes ``LlavaRCForConditionalGeneration`` (model_type ``llava_rc``), a ``llava_next`` base
 ``LlavaNextRCForConditionalGeneration`` (``llava_next_rc``), a ``llava_onevision`` base
 (``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``, ``-7b-ov-hf``) ``LlavaOnevisionRCForConditionalGeneration``
-(``llava_onevision_rc``); ``auto_map`` names the matching classes.
+(``llava_onevision_rc``), a ``qwen2_5_vl`` / ``qwen3_vl`` base (``Qwen/Qwen2.5-VL-7B-Instruct``,
+``Qwen/Qwen3-VL-8B-Instruct``) ``Qwen2_5_VLRCForConditionalGeneration`` / ``Qwen3VLRCForConditionalGeneration``
+(``qwen2_5_vl_rc`` / ``qwen3_vl_rc``); ``auto_map`` names the matching classes.
 
 Every cheap check (arguments, compression settings, base config, output dir, credentials) runs before any weights
 are loaded. The repo is written to a temporary directory next to the destination and loaded back in a fresh
@@ -55,12 +57,11 @@ PAUSE_ENVIRONMENT = "LLAVA_RC_UPLOAD_PAUSE"
 PAUSE_STEPS = ("load", "write", "verify", "aside", "replaced", "push")
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 UPLOAD_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.md", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
-REQUIRED_CODE_FILES = ("configuration_llava_rc.py", "modeling_llava_rc.py")
 VERIFY_MAX_NEW_TOKENS = 8
 # Used for the "compression on" check when the repo's own setting is "none".
 VERIFY_COMPRESSION_ON = {"method": "cls_attention", "budget": 0.5}
 TOTAL_STEPS = 5
-BASE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+BASE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
 
 
 def family(model_type: str) -> tuple:
@@ -70,10 +71,13 @@ def family(model_type: str) -> tuple:
     (``transformers.LlavaForConditionalGeneration``).
     """
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
 
     from . import LlavaNextRCConfig, LlavaNextRCForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration
     from . import LlavaOnevisionRCConfig, LlavaOnevisionRCForConditionalGeneration
+    from . import Qwen2_5_VLRCConfig, Qwen2_5_VLRCForConditionalGeneration, Qwen3VLRCConfig
+    from . import Qwen3VLRCForConditionalGeneration
 
     return {
         "llava": (LlavaForConditionalGeneration, LlavaRCConfig, LlavaRCForConditionalGeneration),
@@ -81,6 +85,8 @@ def family(model_type: str) -> tuple:
         "llava_onevision": (
             LlavaOnevisionForConditionalGeneration, LlavaOnevisionRCConfig, LlavaOnevisionRCForConditionalGeneration
         ),
+        "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLRCConfig, Qwen2_5_VLRCForConditionalGeneration),
+        "qwen3_vl": (Qwen3VLForConditionalGeneration, Qwen3VLRCConfig, Qwen3VLRCForConditionalGeneration),
     }[model_type]
 
 
@@ -231,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base",
         required=True,
-        help="llava-hf repo id or local directory of a stock LLaVA, LLaVA-NeXT or LLaVA-OneVision model "
-        "(llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf, ...)",
+        help="Hub repo id or local directory of a stock LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL "
+        "model (llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf, "
+        "Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen3-VL-8B-Instruct, ...)",
     )
     parser.add_argument(
         "--method",
@@ -335,8 +342,9 @@ def check_base_config(base: str):
         raise SystemExit(f"cannot read the config of --base {base!r}: {error}") from error
     if config.model_type not in BASE_MODEL_TYPES:
         raise SystemExit(
-            f"--base {base!r} has model_type {config.model_type!r}; expected a stock LLaVA, LLaVA-NeXT or "
-            f"LLaVA-OneVision checkpoint ({' or '.join(repr(name) for name in BASE_MODEL_TYPES)})"
+            f"--base {base!r} has model_type {config.model_type!r}; expected a stock LLaVA, LLaVA-NeXT, "
+            f"LLaVA-OneVision, Qwen2.5-VL or Qwen3-VL checkpoint "
+            f"({' or '.join(repr(name) for name in BASE_MODEL_TYPES)})"
         )
     return config
 
@@ -501,7 +509,9 @@ def write_repo(directory: Path, model, processor, card: str) -> None:
     processor.save_pretrained(directory)
     (directory / "README.md").write_text(card)
     config = json.loads((directory / "config.json").read_text())
-    missing = [name for name in REQUIRED_CODE_FILES if not (directory / name).is_file()]
+    # The model's and its config's own files (the rest follow through their relative imports).
+    required = [f"{type(item).__module__.rpartition('.')[2]}.py" for item in (model, model.config)]
+    missing = [name for name in required if not (directory / name).is_file()]
     if "auto_map" not in config or missing:
         raise SystemExit(f"the written repo lacks auto_map or code files {missing}: llava_rc registration failed")
 

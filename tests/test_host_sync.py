@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_rc import compressed_generation
+from llava_rc import planning
 from llava_rc.sequence_packing import pack_sequences, packed_width
 from test_method_matrix import METHOD_ROWS
 from tiny import IMAGE_TOKEN_ID, PAD_TOKEN_ID, make_batch, tiny_rc_model
@@ -81,7 +81,7 @@ def test_the_host_width_gives_the_same_batch_as_the_device_width(case, settings,
     model, batch = case()
     with torch.no_grad():
         host = compress(model, batch, settings)
-        monkeypatch.setattr(compressed_generation, "packed_width", lambda *args: None)
+        monkeypatch.setattr(planning, "packed_width", lambda *args: None)
         device = compress(model, batch, settings)
     for name in ("input_ids", "attention_mask", "position_ids", "image_slot", "source_position"):
         assert torch.equal(getattr(host.packed, name), getattr(device.packed, name)), name
