@@ -79,7 +79,7 @@ import torch
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, check_choice, check_range
 from .compression_common import cls_attention, resolve_budget, stable_descending_order, stable_topk_indices
-from .compression_common import validate_budget
+from .compression_common import GUIDANCE_CHOICES, validate_budget
 from .compression_lof import lof_outlier_count
 
 RECOVERED_FILLS = ("text", "visual")
@@ -92,8 +92,10 @@ RECOVERED_SHARE = None
 class RCConfig(MethodConfig):
     """Settings of ``"rc"``.
 
-    guidance: source of the text-patch scores: ``"llm"`` (the LLM's embedding of the question), ``"clip"`` (the
-        CLIP text tower vs the CLIP visual projection, as released) or None (vision-only: no recovery, no text term).
+    guidance: source of the text-patch scores: ``"auto"`` (``"clip"`` where the model has CLIP's text tower, else
+        None with a warning), ``"clip"`` (the CLIP text tower vs the CLIP visual projection, as released), ``"llm"``
+        (the LLM's input embedding of the question; our option, measured not to aim at the question: docs/methods.md)
+        or None (vision-only: no recovery, no text term).
     lof_neighbors_visual: LOF neighbours for the visual keep ratio over the [CLS] attention (paper: 20).
     lof_neighbors_text: LOF neighbours for the recovery ratio over the text scores (paper: 20).
     lof_neighbors_merge: LOF neighbours for the number of cluster centres among the remaining tokens (paper: 10).
@@ -118,7 +120,7 @@ class RCConfig(MethodConfig):
     stage = "vision"
     needs_attention = True
 
-    guidance: str | None = "llm"
+    guidance: str | None = "auto"
     lof_neighbors_visual: int = 20
     lof_neighbors_text: int = 20
     lof_neighbors_merge: int = 10
@@ -133,7 +135,7 @@ class RCConfig(MethodConfig):
 
     def __post_init__(self):
         if self.guidance is not None:
-            check_choice("guidance (or None for vision-only)", self.guidance, {"llm", "clip"})
+            check_choice("guidance (or None for vision-only)", self.guidance, GUIDANCE_CHOICES)
         check_range("lof_neighbors_visual", self.lof_neighbors_visual, 1, None, integer=True)
         check_range("lof_neighbors_text", self.lof_neighbors_text, 1, None, integer=True)
         check_range("lof_neighbors_merge", self.lof_neighbors_merge, 1, None, integer=True)
