@@ -12,7 +12,8 @@ position), this measures:
   cosine to the mean of all word embeddings (a question-free direction).
 Writes ``benchmarks/results/llm_guidance.json``.
 
-    OMP_NUM_THREADS=1 python benchmarks/llm_guidance.py  # ~1 min
+    OMP_NUM_THREADS=1 python benchmarks/llm_guidance.py --update-docs  # ~1 min; the table in docs/methods.md
+    python benchmarks/llm_guidance.py --docs-only                        # the table from the saved JSON
 """
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from bench_common import ROOT  # benchmarks/bench_common.py
+from bench_common import ROOT, write_readme_section  # benchmarks/bench_common.py
 from llava_rc import easyvqa
 
 CHECKPOINT = ROOT / "llava_rc" / "checkpoints" / "llava-rc-easyvqa"
@@ -46,14 +47,40 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12))
 
 
+MEASURES = [
+    ("hit", "share of the top {top} patches in the asked cell (chance 0.25)"),
+    ("hit_top1", "top patch in the asked cell (chance 0.25)"),
+    ("dependence", "question dependence: 1 - mean correlation of two questions' maps on one image"),
+    ("shape", "correlation with \"the patch shows a shape\""),
+    ("norm", "correlation with the patch token's norm"),
+    ("mean_word", "correlation with the cosine to the mean word embedding (question-free)"),
+]
+
+
+def docs_lines(result: dict) -> list[str]:
+    """The table for docs/methods.md ("Text guidance") from a result."""
+    summary = result["summary"]
+    lines = ["| measure | `\"llm\"` | `\"clip\"` |", "|---|---|---|"]
+    for key, text in MEASURES:
+        values = [f"{summary[name][key]:.2f}" if key in summary[name] else "-" for name in ("llm", "clip")]
+        lines.append(f"| {text.format(top=result['top'])} | {values[0]} | {values[1]} |")
+    lines += ["", f"{result['mosaics']} test mosaics, every question (hit rates: the questions naming one cell)."]
+    return lines
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
-    parser.add_argument("--mosaics", type=int, default=200)
+    parser.add_argument("--mosaics", type=int, default=100)
     parser.add_argument("--top", type=int, default=14, help="k of the hit rate (14 = 10%% of 144 patches)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "llm_guidance.json")
+    parser.add_argument("--update-docs", action="store_true", help="regenerate the table in docs/methods.md")
+    parser.add_argument("--docs-only", action="store_true", help="only regenerate that table from the saved JSON")
     args = parser.parse_args()
+    if args.docs_only:
+        write_readme_section("llm-guidance", docs_lines(json.loads(args.output.read_text())))
+        return
 
     model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.checkpoint, trust_remote_code=True)
@@ -106,7 +133,10 @@ def main() -> None:
     for name, values in summary.items():
         print(name, {key: round(value, 3) for key, value in values.items()})
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"mosaics": args.mosaics, "top": args.top, "summary": summary}, indent=2) + "\n")
+    result = {"mosaics": args.mosaics, "top": args.top, "summary": summary}
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if args.update_docs:
+        write_readme_section("llm-guidance", docs_lines(result))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ The default of ``recovered_share`` (``llava_rc/compression_rc.py``) is chosen he
 that ``benchmarks/accuracy.py`` reports. TRSM with ``"clip"`` guidance is measured beside,
 on the same questions. Writes ``benchmarks/results/rc_budget_share.json``.
 
-    OMP_NUM_THREADS=1 python benchmarks/rc_budget_share.py            # ~6 min on 1 free CPU thread
-    python benchmarks/rc_budget_share.py --mosaics 100 --budgets 0.1  # a quick look
+    OMP_NUM_THREADS=1 python benchmarks/rc_budget_share.py --update-docs  # ~8 min on 1 free CPU thread
+    python benchmarks/rc_budget_share.py --docs-only                      # the docs/rc.md table from the JSON
 """
 
 import argparse
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from bench_common import ROOT  # benchmarks/bench_common.py
+from bench_common import ROOT, write_readme_section  # benchmarks/bench_common.py
 from llava_rc import easyvqa
 
 CHECKPOINT = ROOT / "llava_rc" / "checkpoints" / "llava-rc-easyvqa"
@@ -38,6 +38,29 @@ def settings_to_run(budgets) -> list[dict]:
     return runs
 
 
+def label(settings: dict) -> str:
+    """A row's name from its settings (the budget is a column)."""
+    return " ".join(f"{key}={value}" for key, value in settings.items() if key != "budget")
+
+
+def docs_lines(result: dict) -> list[str]:
+    """The table for docs/rc.md: accuracy of each setting at each budget, and the mean over the budgets."""
+    budgets = sorted({row["settings"]["budget"] for row in result["rows"]}, reverse=True)
+    by_label: dict[str, dict] = {}
+    for row in result["rows"]:
+        by_label.setdefault(label(row["settings"]), {})[row["settings"]["budget"]] = row["accuracy"]
+    lines = [
+        "| settings run | " + " | ".join(f"at {budget:.0%}" for budget in budgets) + " | mean |",
+        "|---|" + "---|" * (len(budgets) + 1),
+    ]
+    for name, values in by_label.items():
+        mean = sum(values[budget] for budget in budgets) / len(budgets)
+        lines.append(f"| {name} | " + " | ".join(f"{values[budget]:.1%}" for budget in budgets) + f" | {mean:.1%} |")
+    lines += ["", f"{result['questions']} questions of {result['mosaics']} mosaics of the {result['split']} split "
+              f"(seed {result['seed']}); torch {result['torch']}."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
@@ -45,7 +68,12 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.05])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "rc_budget_share.json")
+    parser.add_argument("--update-docs", action="store_true", help="regenerate the table in docs/rc.md")
+    parser.add_argument("--docs-only", action="store_true", help="only regenerate that table from the saved JSON")
     args = parser.parse_args()
+    if args.docs_only:
+        write_readme_section("rc-budget-share", docs_lines(json.loads(args.output.read_text())))
+        return
 
     model = AutoModelForImageTextToText.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.checkpoint, trust_remote_code=True)
@@ -72,6 +100,8 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
+    if args.update_docs:
+        write_readme_section("rc-budget-share", docs_lines(result))
 
 
 if __name__ == "__main__":
