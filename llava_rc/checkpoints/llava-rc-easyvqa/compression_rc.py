@@ -86,7 +86,7 @@ RECOVERED_FILLS = ("text", "visual")
 # Default share of a budget's slots reserved for recovered tokens: the best mean accuracy at 10% and 5% of the
 # patches on training-split mosaics (never the test set) with the shipped model (benchmarks/rc_budget_share.py,
 # docs/rc.md, "Fixed budget").
-RECOVERED_SHARE = 0.75
+RECOVERED_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class RCConfig(MethodConfig):
     budget: None = the adaptive count per image (the paper); an int count or a float ratio of the patches =
         exactly ``resolve_budget(budget, N)`` tokens per image (split described in the module docstring).
     recovered_share: with a budget, the share of the ``B - 1`` non-extra slots reserved for text-recovered tokens
-        (a number in [0, 1]; default 0.75, chosen on training-split mosaics), or None for the proportions of the
+        (a number in [0, 1]; default 0.9, chosen on training-split mosaics), or None for the proportions of the
         adaptive plan (the split before this setting existed). Unused without a budget or text.
     recovered_fill: with ``recovered_share``, who fills reserved slots that LOF recovery leaves empty: ``"text"``
         (the next most text-similar patches) or ``"visual"`` (they return to the visual and centre tokens).
