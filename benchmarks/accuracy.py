@@ -365,6 +365,12 @@ def main() -> None:
     parser.add_argument(
         "--readme-only", action="store_true", help="only regenerate those tables from the saved accuracy.json"
     )
+    parser.add_argument(
+        "--only", action="append", metavar="KEY",
+        help="run only the rows with this key (repeatable, e.g. rc@0.1 trsm@0.1); writes accuracy_subset.json, no "
+        "tables, goals or plot",
+    )
+    parser.add_argument("--mosaics-only", action="store_true", help="with --only: skip the easy-VQA questions")
     args = parser.parse_args()
     if args.readme_only:
         update_readme(json.loads((args.output_dir / "accuracy.json").read_text()))
@@ -379,9 +385,17 @@ def main() -> None:
         "easy_vqa_test": easyvqa.prepare_batches(processor, singles, single_examples, args.batch_size),
         "mosaic_test": easyvqa.prepare_batches(processor, mosaics, mosaic_examples, args.batch_size),
     }
+    runs = settings_to_run()
+    if args.only:
+        unknown = sorted(set(args.only) - {key for key, *_ in runs})
+        if unknown:
+            parser.error(f"--only: unknown row keys {unknown}; known: {[key for key, *_ in runs]}")
+        runs = [run for run in runs if run[0] in args.only]
+        if args.mosaics_only:
+            del datasets["easy_vqa_test"]
     rows = []
     run_started = time.perf_counter()
-    for key, method, settings, variant in settings_to_run():
+    for key, method, settings, variant in runs:
         started = time.perf_counter()
         resolved = model.compression_settings(settings).to_dict()  # what the model runs for these settings
         row = {"key": key, "label": settings_label(settings, resolved), "method": method,
@@ -390,12 +404,10 @@ def main() -> None:
             row[name] = easyvqa.evaluate(model, processor, batches, settings)
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
-        print(
-            f"{key:24s} tokens {row['easy_vqa_test']['kept_mean']:6.1f} / {row['mosaic_test']['kept_mean']:6.1f}  "
-            f"easy-VQA {row['easy_vqa_test']['accuracy']:.3f}  mosaic {row['mosaic_test']['accuracy']:.3f}  "
-            f"unique {row['mosaic_test']['per_kind'][UNIQUE_OBJECT]:.3f}  ({row['seconds']:.0f} s)",
-            flush=True,
-        )
+        measured = "  ".join(f"{name} {row[name]['accuracy']:.3f} ({row[name]['kept_mean']:.1f} tokens)"
+                             for name in datasets)
+        print(f"{key:24s} {measured}  unique {row['mosaic_test']['per_kind'][UNIQUE_OBJECT]:.3f}  "
+              f"({row['seconds']:.0f} s)", flush=True)
     num_patches = model.config.image_seq_length
     result = {
         "checkpoint": str(args.checkpoint.relative_to(ROOT)) if args.checkpoint.is_relative_to(ROOT) else str(args.checkpoint),
@@ -409,8 +421,11 @@ def main() -> None:
         "loadavg": os.getloadavg(),
         "rows": rows,
     }
-    result["goals"] = goals(rows, num_patches)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.only:
+        (args.output_dir / "accuracy_subset.json").write_text(json.dumps(result, indent=2) + "\n")
+        return
+    result["goals"] = goals(rows, num_patches)
     (args.output_dir / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.output_dir / "accuracy.png")
     for name, check in result["goals"].items():
