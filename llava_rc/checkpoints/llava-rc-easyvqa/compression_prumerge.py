@@ -236,8 +236,9 @@ def released_order(source_index: torch.Tensor, attention: torch.Tensor, outliers
     places = torch.arange(num_patches, device=attention.device).expand_as(order)  # (I, N)
     attention_place = torch.empty_like(order).scatter_(1, order, places)  # (I, N) place of each patch
     index = torch.arange(num_patches, device=attention.device)  # (N,)
-    key = torch.where(outliers, attention_place, torch.where(chosen, num_patches + index, 2 * num_patches +
-                                                             attention_place))  # (I, N) three groups in turn
+    # (I, N) sort key: the three groups in turn, each in its own order.
+    key = torch.where(chosen, num_patches + index, 2 * num_patches + attention_place)
+    key = torch.where(outliers, attention_place, key)
     valid = source_index >= 0  # (I, K)
     row_key = torch.where(valid, key.gather(1, source_index.clamp(min=0)), 3 * num_patches)  # (I, K) padding last
     return source_index.gather(1, row_key.argsort(dim=1, stable=True))
