@@ -15,6 +15,7 @@ excluded. Such tokens come from several vision-encoder crops, each with its own 
 ``attention_joint``) and the patch keys (``keys``) instead of ``cls_query``/``attention_keys``.
 """
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -280,7 +281,8 @@ class MethodConfig:
     Class attributes tell the model what the method needs:
     stage: ``"vision"`` compresses the vision features before the projector, ``"projected"`` after it.
     needs_attention: whether ``CompressionInputs.cls_query``/``attention_keys`` must be computed.
-    Methods guided by text carry a ``guidance`` field (``"llm"`` or ``"clip"``).
+    Methods guided by text carry a ``guidance`` field (``GUIDANCE_CHOICES`` or None; the model resolves
+    ``"auto"`` with ``resolve_guidance`` before planning).
     """
 
     method = "none"
@@ -289,7 +291,8 @@ class MethodConfig:
 
     @property
     def guidance_source(self) -> str | None:
-        """``"llm"``/``"clip"`` when the method reads ``text_scores``, else None."""
+        """``"llm"``/``"clip"`` (``"auto"`` before the model resolves it) when the method reads ``text_scores``, else
+        None."""
         return getattr(self, "guidance", None)
 
     def fixed_count(self, views: tuple[tuple[int, int], ...]) -> int | None:
@@ -328,3 +331,16 @@ def check_range(name: str, value, low=None, high=None, *, integer: bool = False)
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+# Where a text-guided method embeds the question (docs/methods.md, "Text guidance"): "auto" (the default) is "clip"
+# on a model with CLIP's text tower and no text guidance otherwise; "llm" (the LLM's input embeddings) is an option.
+GUIDANCE_CHOICES = ("auto", "llm", "clip")
+
+
+def resolve_guidance(config: MethodConfig, has_clip_tower: bool) -> MethodConfig:
+    """``config`` with ``guidance="auto"`` made concrete: ``"clip"`` where the model has CLIP's text tower, else None
+    (the method runs without text guidance). Any other value, and a method without guidance, is returned as is."""
+    if getattr(config, "guidance", None) != "auto":
+        return config
+    return dataclasses.replace(config, guidance="clip" if has_clip_tower else None)

@@ -32,14 +32,20 @@ PruMerge+ adds sampled patches to the outliers before the merge (``sampling``):
   uniform in both directions on any grid.
 The paper reports ~25% of the tokens for PruMerge+ on LLaVA-1.5; the raster rule keeps more when outliers are few.
 
+Output order (``token_order``): ``"released"`` (default) emits the kept tokens as the release does, the outliers in
+descending [CLS] attention (ties: lower index first), then (PruMerge+) the sampled patches in raster order, then
+(under a budget) the patches that fill it, by descending attention; then the extra token. ``"raster"`` (ours)
+emits the kept tokens in raster order (reading order), then the extra token. The merged vectors are the same
+either way; only their order in the prompt differs, which the language model reads through its positions (on the
+shipped model the released order costs much of the accuracy on position questions: docs/easyvqa.md). Layouts with
+row-end newline tokens (LLaVA-NeXT) always put tokens in reading order, which the newlines need.
+
 Remaining differences from the released code, each on purpose:
 - The top patch by attention is always kept (released: an image without outliers keeps no patch, only the extra
   token), so that every image keeps at least one patch.
 - Outliers are taken per image (released: over the whole batch flattened, which is per image at its batch size 1),
   and the count is the number of outliers (released: ``int(N * (outliers / N))``, which float rounding can make
   one less).
-- Kept tokens come out in raster order, then the extra token (released: descending attention, then the extra
-  token). The merge does not depend on that order.
 - No extra token when nothing was pruned (released: a zero token).
 - Ties in the neighbour ranking go to the lower patch index (released: ``topk``'s unspecified order).
 
@@ -59,11 +65,13 @@ from dataclasses import dataclass
 import torch
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, check_choice, check_range, cls_attention
-from .compression_common import plan_from_mask, resolve_budget, select_mask, stable_topk_indices, validate_budget
+from .compression_common import plan_from_mask, resolve_budget, select_mask, stable_descending_order, stable_topk_indices
+from .compression_common import validate_budget
 
 MERGES = ("released", "average", "none")
 ATTENTIONS = ("joint", "per_head")
 SAMPLINGS = ("raster", "lattice")
+TOKEN_ORDERS = ("released", "raster")
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ class PruMergeConfig(MethodConfig):
     extra_token: add the attention-weighted sum of the pruned patches as one more token (released: True).
     cls_attention_layer: vision layer whose [CLS] attention and keys are read; None = the layer that reads the
         feature layer's output (for LLaVA's feature layer -2, the last layer, as in the released code).
+    token_order: ``"released"`` (outliers by descending [CLS] attention, then PruMerge+'s samples in raster order,
+        as released) or ``"raster"`` (kept tokens in raster order); the extra token last either way.
     """
 
     method = "prumerge"
@@ -95,6 +105,7 @@ class PruMergeConfig(MethodConfig):
     attention: str = "joint"
     extra_token: bool = True
     cls_attention_layer: int | None = None
+    token_order: str = "released"
 
     def __post_init__(self):
         validate_budget(self.budget, allow_none=True)
@@ -105,6 +116,7 @@ class PruMergeConfig(MethodConfig):
                 raise ValueError(f"neighbors_ratio must be None or a number in (0, 1], got {ratio!r}")
         check_choice("merge", self.merge, MERGES)
         check_choice("attention", self.attention, ATTENTIONS)
+        check_choice("token_order", self.token_order, TOKEN_ORDERS)
         if not isinstance(self.extra_token, bool):
             raise ValueError(f"extra_token must be True or False, got {self.extra_token!r}")
         if self.cls_attention_layer is not None:
@@ -150,7 +162,7 @@ def compress_prumerge(inputs: CompressionInputs, config: PruMergeConfig) -> Toke
     """
     attention = cls_attention(inputs, per_head=config.attention == "per_head")  # (I, N)
     outliers = iqr_outliers(attention)  # (I, N)
-    return merge_plan(inputs, config, attention, outliers, attention)
+    return merge_plan(inputs, config, attention, outliers, attention, outliers)
 
 
 @torch.no_grad()
@@ -175,18 +187,19 @@ def compress_prumerge_plus(inputs: CompressionInputs, config: PruMergePlusConfig
         sampled = lattice.expand_as(outliers)  # (I, N)
     chosen = outliers | sampled  # (I, N)
     # Attention is a probability (<= 1): adding 2 ranks every chosen patch above every other one.
-    return merge_plan(inputs, config, attention, chosen, attention + 2.0 * chosen.float())
+    return merge_plan(inputs, config, attention, chosen, attention + 2.0 * chosen.float(), outliers)
 
 
 def merge_plan(inputs: CompressionInputs, config: PruMergeConfig, attention: torch.Tensor, chosen: torch.Tensor,
-               priority: torch.Tensor) -> TokenPlan:
+               priority: torch.Tensor, outliers: torch.Tensor) -> TokenPlan:
     """The plan of the kept patches (``chosen``, or the top-``priority`` ones under a budget), merged.
 
-    attention: (I, N) float32; chosen: (I, N) bool, the adaptive set; priority: (I, N) ranking for a budget.
-    Returns K output rows per image: the kept patches in raster order, then the extra token (source_index -1),
-    then padding, as a sparse merge plan (``TokenPlan``: members (I, K, 1 + k), the extra token's weights (I, N)).
-    K = ``resolve_budget(budget, N)`` with a budget (known on the host), else the largest count in the batch (one
-    host sync).
+    attention: (I, N) float32; chosen: (I, N) bool, the adaptive set; priority: (I, N) ranking for a budget;
+    outliers: (I, N) bool, the attention outliers within ``chosen`` (the rest of it was sampled).
+    Returns K output rows per image: the kept patches in ``config.token_order``, then the extra token
+    (source_index -1), then padding, as a sparse merge plan (``TokenPlan``: members (I, K, 1 + k), the extra token's
+    weights (I, N)). K = ``resolve_budget(budget, N)`` with a budget (known on the host), else the largest count in
+    the batch (one host sync).
     """
     num_images, num_patches = attention.shape
     if config.budget is None:
@@ -198,7 +211,10 @@ def merge_plan(inputs: CompressionInputs, config: PruMergeConfig, attention: tor
         with_extra = config.extra_token and 2 <= max_count < num_patches
         kept = select_mask(priority, max_count - with_extra)  # (I, N)
         extra = torch.full((num_images,), with_extra, dtype=torch.bool, device=attention.device)  # (I,)
-    plan = plan_from_mask(kept, max_count)  # (I, K), -1 past the kept patches
+    plan = plan_from_mask(kept, max_count)  # (I, K), -1 past the kept patches, raster order
+    if config.token_order == "released":
+        plan = TokenPlan(source_index=released_order(plan.source_index, attention, outliers, chosen),
+                         counts=plan.counts)
     member_index, member_weights = neighbour_members(plan.source_index, attention, inputs.patch_keys, config)
     # The extra token: sum of the pruned patches weighted by attention, in the row after the kept ones.
     extra_weights = attention * (~kept & extra.unsqueeze(-1))  # (I, N), zero where an image has no extra token
@@ -210,6 +226,27 @@ def merge_plan(inputs: CompressionInputs, config: PruMergeConfig, attention: tor
         extra_weights=extra_weights,
         extra_row=plan.counts,
     )
+
+
+def released_order(source_index: torch.Tensor, attention: torch.Tensor, outliers: torch.Tensor,
+                   chosen: torch.Tensor) -> torch.Tensor:
+    """(I, K) the kept patches ``source_index`` (I, K) (raster order, -1 padding last) in the released order:
+    outliers by descending attention, then the other ``chosen`` (sampled) patches in raster order, then the
+    patches a budget added, by descending attention (ties: lower index first); padding stays last.
+
+    attention: (I, N) float32; outliers, chosen: (I, N) bool.
+    """
+    num_patches = attention.shape[-1]
+    order = stable_descending_order(attention)  # (I, N) patch at each place
+    places = torch.arange(num_patches, device=attention.device).expand_as(order)  # (I, N)
+    attention_place = torch.empty_like(order).scatter_(1, order, places)  # (I, N) place of each patch
+    index = torch.arange(num_patches, device=attention.device)  # (N,)
+    # (I, N) sort key: the three groups in turn, each in its own order.
+    key = torch.where(chosen, num_patches + index, 2 * num_patches + attention_place)
+    key = torch.where(outliers, attention_place, key)
+    valid = source_index >= 0  # (I, K)
+    row_key = torch.where(valid, key.gather(1, source_index.clamp(min=0)), 3 * num_patches)  # (I, K) padding last
+    return source_index.gather(1, row_key.argsort(dim=1, stable=True))
 
 
 def neighbour_members(source_index: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor,

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, check_choice, resolve_budget, select_plan
-from .compression_common import validate_budget
+from .compression_common import GUIDANCE_CHOICES, validate_budget
 
-GUIDANCE_SOURCES = ("llm", "clip")
 MERGES = ("none", "nearest")
 
 
@@ -41,8 +40,10 @@ class TrsmConfig(MethodConfig):
     """Settings of ``"trsm"``.
 
     budget: tokens kept per image, an int count or a float ratio of the patches (0.8: the paper's 20% reduction).
-    guidance: where the question is embedded to score the patches: ``"llm"`` (the language model's input
-        embeddings) or ``"clip"`` (CLIP's text tower).
+    guidance: where the question is embedded to score the patches: ``"auto"`` (``"clip"`` where the model has
+        CLIP's text tower, else None with a warning), ``"clip"`` (CLIP's text tower), ``"llm"`` (the language model's
+        input embeddings; measured not to aim at the question: docs/methods.md) or None (no question: every patch
+        ranked by its feature norm, the fallback below).
     merge: ``"none"`` (the paper: discarded patches are dropped) or ``"nearest"`` (our variant: each discarded
         patch joins its most similar kept patch, uniform mean per token).
     """
@@ -51,12 +52,13 @@ class TrsmConfig(MethodConfig):
     needs_attention = False
 
     budget: int | float = 0.8
-    guidance: str = "llm"
+    guidance: str | None = "auto"
     merge: str = "none"
 
     def __post_init__(self):
         validate_budget(self.budget, allow_none=False)
-        check_choice("guidance", self.guidance, GUIDANCE_SOURCES)
+        if self.guidance is not None:
+            check_choice("guidance (or None for the vision-only ranking)", self.guidance, GUIDANCE_CHOICES)
         check_choice("merge", self.merge, MERGES)
 
 

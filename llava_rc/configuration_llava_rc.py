@@ -37,8 +37,8 @@ class LlavaRCConfig(LlavaConfig):
         Plain-JSON settings ``{"method": <name>, <method parameters>}`` (a method name alone means
         ``{"method": name}``), validated on construction against the method registry (see
         ``llava_rc.compression_registry.METHODS``) and stored as the dict with every default filled in. A config without this key (None) becomes
-        Recoverable Compression with its defaults: ``{"method": "rc"}``, adaptive count, ``"llm"`` guidance (the
-        language model's own embeddings; the RC paper's ``"clip"`` guidance needs ``guidance_text_config``).
+        Recoverable Compression with its defaults: ``{"method": "rc"}``, adaptive count, ``"auto"`` guidance (the RC
+        paper's ``"clip"`` guidance where the model has ``guidance_text_config``, else none, with a warning).
         ``{"method": "none"}`` is the identity. Per-call ``compression=`` updates these settings (see
         ``compression_registry.update_compression``).
     guidance_text_config (`dict`, *optional*):

@@ -16,7 +16,7 @@ def check_qwen_compression_fields(config) -> None:
     if config.guidance_text_config is not None:
         raise ValueError(
             "guidance_text_config (a CLIP text tower for guidance='clip') is not supported on Qwen: its ViT does not "
-            "share CLIP's image-text space; leave it None and use guidance='llm'"
+            "share CLIP's image-text space; leave it None (guidance 'auto' then runs without text guidance)"
         )
 
 

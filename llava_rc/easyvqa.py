@@ -323,10 +323,12 @@ def evaluate(model, processor, batches: list[PreparedBatch], compression: dict |
 
     The prompts are left-padded, so the last position's logits give the greedy answer; ``compression`` goes to
     ``forward`` exactly as ``generate`` would use it. Returns overall and per-kind accuracy and the kept-token
-    statistics (mean, std, max per image).
+    statistics (mean, std, max per image); ``correct`` holds each question's result in order ("1" right, "0"
+    wrong), for paired comparisons of settings on the same questions.
     """
     tokenizer = processor.tokenizer
     correct: dict[str, list[bool]] = {}
+    in_order: list[bool] = []
     kept = []
     device = model.device
     for batch in batches:
@@ -335,6 +337,7 @@ def evaluate(model, processor, batches: list[PreparedBatch], compression: dict |
         predicted = tokenizer.convert_ids_to_tokens(outputs.logits[:, -1].argmax(dim=-1).tolist())
         for answer, kind, guess in zip(batch.answers, batch.kinds, predicted):
             correct.setdefault(kind, []).append(guess == answer)
+            in_order.append(guess == answer)
         if getattr(outputs, "compression", None) is not None:
             kept.append(outputs.compression.kept_counts.float().cpu())
         else:
@@ -348,6 +351,7 @@ def evaluate(model, processor, batches: list[PreparedBatch], compression: dict |
         "kept_mean": float(kept_counts.mean()),
         "kept_std": float(kept_counts.std()) if len(kept_counts) > 1 else 0.0,
         "kept_max": float(kept_counts.max()),
+        "correct": "".join("1" if hit else "0" for hit in in_order),
     }
 
 

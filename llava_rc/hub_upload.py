@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--clip",
         help="repo id or directory of the CLIP model whose text tower and projections give 'clip' guidance "
-        "(for LLaVA-1.5: openai/clip-vit-large-patch14-336); without it the repo uses 'llm' guidance",
+        "(for LLaVA-1.5: openai/clip-vit-large-patch14-336); without it the repo has no working text guidance: "
+        "rc and trsm run without it (guidance 'auto' resolves to none; the command says so)",
     )
     parser.add_argument(
         "--base-model-id",
@@ -313,6 +314,28 @@ def parse_settings(
     if clip is None and settings.get("guidance") == "clip":
         parser.error("guidance=clip needs the CLIP text tower: pass --clip")
     return settings
+
+
+def guidance_statement(compression: dict, clip: str | None) -> str:
+    """One line saying which text guidance the written repo's method will use by default."""
+    method = compression["method"]
+    if "guidance" not in compression:
+        return f"text guidance: none ({method!r} does not read the question)"
+    guidance = compression["guidance"]
+    if guidance == "clip" or (guidance == "auto" and clip is not None):
+        return f"text guidance: 'clip' (the text tower and projections of --clip {clip})"
+    if guidance == "auto":
+        return (
+            f"text guidance: none. {method!r} has guidance='auto' and this repo gets no CLIP text tower (no --clip), "
+            "so it runs without text guidance and says so when used; pass --clip (for LLaVA-1.5: "
+            "openai/clip-vit-large-patch14-336) for the RC paper's guidance"
+        )
+    if guidance == "llm":
+        return (
+            "text guidance: 'llm' (the LLM's input embeddings of the question), as set; measured not to aim at the "
+            "question (docs/methods.md, \"Text guidance\")"
+        )
+    return f"text guidance: none (guidance={guidance!r}, as set)"
 
 
 def check_clip_config(clip: str, base_config) -> None:
@@ -643,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     if pause and pause.partition(":")[0] not in PAUSE_STEPS:
         parser.error(f"{PAUSE_ENVIRONMENT}={pause!r}: expected STEP[:SECONDS] with STEP one of {PAUSE_STEPS}")
     compression = parse_settings(parser, args.method, args.settings, args.clip)
+    print(guidance_statement(compression, args.clip), file=sys.stderr)
     destination = args.output_dir.resolve() if args.output_dir is not None else None
     if destination is not None:
         problem = output_dir_problem(destination, args.force)

@@ -171,7 +171,7 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
                 f"{transformers.__version__}. Upgrade transformers, or use compression={{'method': 'none'}}"
             )
         if settings.guidance_source == "clip":
-            raise ValueError("guidance='clip' is not supported on Qwen-VL (no CLIP text tower); use guidance='llm'")
+            raise ValueError("guidance='clip' is not supported on Qwen-VL (no CLIP text tower); use guidance=None or 'auto'")
         if image_grid_thw is None:
             raise ValueError("compression needs image_grid_thw (the processor's (t, h, w) patch grid of every image)")
         check_input_shapes(input_ids, attention_mask, labels, guidance_mask, None, None)

@@ -48,7 +48,7 @@ from vllm.multimodal.processing import (
     PromptReplacement,
 )
 
-from .compression_common import MethodConfig
+from .compression_common import MethodConfig, resolve_guidance
 from .compression_registry import update_compression
 from .configuration_llava_rc import LlavaNextRCConfig, LlavaRCConfig
 from .modeling_llava_rc import LlavaNextRCForConditionalGeneration, LlavaRCForConditionalGeneration
@@ -74,6 +74,8 @@ def request_settings(config, mm_kwargs: Mapping[str, object]) -> MethodConfig:
     """
     try:
         settings = update_compression(config.compression, mm_kwargs.get(COMPRESSION_KEY))
+        # guidance="auto": "clip" with CLIP's text tower, else none (as CompressedGenerationMixin.compression_settings)
+        settings = resolve_guidance(settings, getattr(config, "guidance_text_config", None) is not None)
     except TypeError as error:  # a ValueError is what vLLM turns into a 400 answer
         raise ValueError(str(error)) from error
     side = config.vision_config.image_size // config.vision_config.patch_size
@@ -209,7 +211,7 @@ class LlavaRCMultiModalProcessorMixin:
         if tokenizer is None:
             raise ValueError(
                 "guidance='clip' needs the repo's CLIP guidance tokenizer (LlavaRCProcessor with a "
-                "guidance_tokenizer/ folder); this repo has none: use guidance='llm'"
+                "guidance_tokenizer/ folder); this repo has none: use guidance=None or 'auto'"
             )
         tokens = tokenizer(
             [question], truncation=True, max_length=processor.guidance_max_length, return_tensors="pt"

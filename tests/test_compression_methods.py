@@ -119,11 +119,13 @@ def reference_prumerge(inputs, config):
         ordered = sorted(attention)
         first, third = percentile(ordered, 0.25), percentile(ordered, 0.75)
         chosen = {n for n in range(num_patches) if attention[n] > third + 1.5 * (third - first)} | {ranked[0]}
+        outliers = set(chosen)
         if plus:
             if config.sampling == "raster":
                 chosen |= raster_points(attention, num_patches)
             else:
                 chosen |= lattice_points(inputs.grid, config.uniform_ratio)
+        sampled = chosen - outliers  # the samples of PruMerge+ (a budget may then trim or fill the set)
         extra = config.extra_token
         if config.budget is not None:
             keep = resolve_budget(config.budget, num_patches)
@@ -138,7 +140,12 @@ def reference_prumerge(inputs, config):
         similarity = cosine_table(inputs.patch_keys[image].float())
         features = inputs.features[image].double()
         tokens = []
-        for anchor in sorted(chosen):
+        if config.token_order == "raster":
+            order = sorted(chosen)
+        else:  # released: outliers by descending attention, samples in raster order, budget fill by attention
+            order = ([n for n in ranked if n in chosen and n in outliers] + sorted(n for n in chosen if n in sampled)
+                     + [n for n in ranked if n in chosen and n not in outliers and n not in sampled])
+        for anchor in order:
             others = sorted((n for n in range(num_patches) if n != anchor), key=lambda n: (-similarity[anchor][n], n))
             nearest = others[:neighbours] if config.merge != "none" else []
             if config.merge == "average":
@@ -149,7 +156,7 @@ def reference_prumerge(inputs, config):
                 tokens.append(features[anchor] + sum((attention[m] * features[m] for m in nearest), 0 * features[0]))
         if extra:
             tokens.append(sum(attention[n] * features[n] for n in range(num_patches) if n not in chosen))
-        results.append((sorted(chosen) + [-1] * extra, torch.stack(tokens)))
+        results.append((order + [-1] * extra, torch.stack(tokens)))
     return results
 
 
@@ -236,6 +243,9 @@ CASES = [
     ("prumerge_plus", {"budget": 0.3, "sampling": "lattice", "uniform_ratio": 0.1, "merge_neighbors": 4}),
     ("prumerge_plus", {"budget": 4}),
     ("prumerge_plus", {"sampling": "lattice", "merge": "average", "extra_token": False}),
+    ("prumerge", {"token_order": "raster"}),
+    ("prumerge_plus", {"token_order": "raster"}),
+    ("prumerge_plus", {"budget": 0.5, "token_order": "raster"}),
     ("gprune", {}),
     ("gprune", {"keep_ratio": 0.3, "similarity_threshold": 0.3, "temperature": 0.1, "steps": 2}),
     ("gprune", {"budget": 9}),
@@ -321,6 +331,8 @@ def test_fixed_budget_gives_exact_counts(name, field):
         extra = name.startswith("prumerge") and 2 <= keep < grid[0] * grid[1]
         patches = plan.source_index[:, : keep - extra]
         assert (patches >= 0).all()
+        if name.startswith("prumerge"):  # released order (reference test): no repeats
+            patches = patches.sort(dim=-1).values
         assert (patches.diff(dim=-1) > 0).all()  # raster order, no repeats
         assert (plan.source_index[:, keep - extra :] == -1).all()
 
@@ -436,7 +448,7 @@ def test_prumerge_plus_raster_rule(num_patches, outliers, expected_samples):
     plan = plan_for("prumerge_plus", {"extra_token": False}, inputs)
     top = {num_patches - outliers} if outliers else {0}
     expected = set(expected_samples) | set(range(num_patches - outliers, num_patches)) | top
-    assert plan.source_index[0].tolist() == sorted(expected)
+    assert sorted(plan.source_index[0].tolist()) == sorted(expected)
 
 
 def test_prumerge_plus_raster_stride_edge_cases():

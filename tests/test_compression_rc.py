@@ -309,7 +309,8 @@ def dense_compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
         from llava_rc.compression_rc import _budget_counts
 
         visual_count, recovered_count, centre_count, extra_count = _budget_counts(
-            resolve_budget(config.budget, num_patches), num_patches, visual_count, recovered_count, centre_count
+            resolve_budget(config.budget, num_patches), num_patches, visual_count, recovered_count, centre_count,
+            config.recovered_share, config.recovered_fill, text[1] if text is not None else None,
         )
         visual = attention_rank < visual_count.unsqueeze(-1)
         recovered = recover(visual, recovered_count)
@@ -438,3 +439,123 @@ def test_fixed_budget_path_compiles_without_graph_break():
     plan, expected = compiled(inputs), compress_rc(inputs, config)
     assert torch.equal(plan.source_index, expected.source_index)
     assert torch.equal(plan.dense_weights(), expected.dense_weights())
+
+
+# ---- How a budget is shared (recovered_share, recovered_fill) ---------------------------------------------------
+
+
+def test_budget_counts_per_category():
+    """The split on given adaptive counts: B = 14, so S = 13 slots besides the extra token."""
+    from llava_rc.compression_rc import _budget_counts
+
+    visual, recovered, centres = torch.tensor([32, 5, 0, 6]), torch.tensor([11, 1, 0, 0]), torch.tensor([4, 2, 0, 1])
+    can_recover = torch.tensor([True, True, True, False])
+
+    def split(share, fill):
+        counts = _budget_counts(14, 144, visual, recovered, centres, share, fill, can_recover)
+        return [count.tolist() for count in counts]
+
+    # Proportions of the adaptive plan (before the setting existed): 13 * 11 // 47 = 3 recovered in image 0.
+    assert split(None, "text") == [[9, 9, 13, 12], [3, 1, 0, 0], [1, 3, 0, 1], [1, 1, 1, 1]]
+    # floor(13 * 0.5) = 6 reserved; "text" fills them wherever there is a question, the other 7 are shared
+    # n_v : n_c (7 * 4 // 36 = 0, 7 * 2 // 7 = 2, no centres, 13 * 1 // 7 = 1).
+    assert split(0.5, "text") == [[7, 5, 7, 12], [6, 6, 6, 0], [0, 2, 0, 1], [1, 1, 1, 1]]
+    # "visual": only what LOF recovered (at most the 6), the rest returns to visual and centre tokens.
+    assert split(0.5, "visual") == [[7, 9, 13, 12], [6, 1, 0, 0], [0, 3, 0, 1], [1, 1, 1, 1]]
+    assert split(1.0, "text") == [[0, 0, 0, 12], [13, 13, 13, 0], [0, 0, 0, 1], [1, 1, 1, 1]]
+    assert split(0.0, "text") == split(0.0, "visual") == [[12, 10, 13, 12], [0, 0, 0, 0], [1, 3, 0, 1], [1, 1, 1, 1]]
+    for share in [None, 0.0, 0.3, 0.5, 1.0]:
+        for fill in ["text", "visual"]:
+            assert (sum(torch.tensor(c) for c in split(share, fill)) == 14).all()
+
+
+def kept_and_centres(inputs, plan):
+    """Per image: (patches kept as themselves, centre patches), from a plan's rows (a centre absorbs others)."""
+    result = []
+    for image in range(inputs.num_images):
+        count = int(plan.counts[image])
+        sources = plan.source_index[image, :count]
+        rows = plan.dense_weights(inputs.num_patches)[image, :count]
+        kept, centres = [], []
+        for row, source in zip(rows, sources.tolist()):
+            if source >= 0:
+                (centres if int((row != 0).sum()) > 1 else kept).append(source)
+        result.append((kept, centres))
+    return result
+
+
+@pytest.mark.parametrize("fill", ["text", "visual"])
+def test_recovered_share_chooses_the_text_ranking(fill):
+    """share 1: every non-extra slot is a recovered token, the top S by text score ("text" fill) or only the LOF
+    recovered ones followed by visual tokens ("visual" fill); images without a question recover nothing."""
+    inputs = random_inputs(3, 144, seed=21)
+    budget = 14
+    plan = compress_rc(inputs, RCConfig(budget=budget, recovered_share=1.0, recovered_fill=fill))
+    attention = cls_attention(inputs, per_head=False)
+    by_text = stable_descending_order(inputs.text_scores.float())
+    by_attention = stable_descending_order(attention)
+    for image, (kept, centres) in enumerate(kept_and_centres(inputs, plan)):
+        assert plan.source_index[image, budget - 1] == -1  # the extra token
+        if not inputs.has_text[image]:  # no question: all visual, by attention (and centres)
+            assert set(kept) <= set(by_attention[image, : budget - 1].tolist())
+        elif fill == "text":
+            assert sorted(kept) == sorted(by_text[image, : budget - 1].tolist()) and centres == []
+        else:
+            assert len(kept) + len(centres) == budget - 1
+    if fill == "visual":  # LOF recovers fewer than 13 here: the other slots go back to visual tokens
+        with_question = [image for image in range(3) if inputs.has_text[image]]
+        assert any(sorted(kept_and_centres(inputs, plan)[image][0]) != sorted(by_text[image, : budget - 1].tolist())
+                   for image in with_question)
+
+
+def test_reserved_slots_filled_by_text_beyond_the_lof_recovery():
+    """Where LOF recovers fewer than reserved, "text" fill adds the next most text-similar patches and "visual"
+    fill does not: the two plans differ exactly there, and both hold exactly the budget."""
+    inputs = random_inputs(3, 144, seed=22)
+    text_fill = compress_rc(inputs, RCConfig(budget=30, recovered_share=0.8, recovered_fill="text"))
+    visual_fill = compress_rc(inputs, RCConfig(budget=30, recovered_share=0.8, recovered_fill="visual"))
+    assert text_fill.counts.tolist() == visual_fill.counts.tolist() == [30, 30, 30]
+    by_text = stable_descending_order(inputs.text_scores.float())
+    differs = False
+    for image, ((kept_text, _), (kept_visual, _)) in enumerate(
+        zip(kept_and_centres(inputs, text_fill), kept_and_centres(inputs, visual_fill))
+    ):
+        text_rank = {patch: place for place, patch in enumerate(by_text[image].tolist())}
+        if inputs.has_text[image] and kept_text != kept_visual:
+            differs = True
+            added = set(kept_text) - set(kept_visual)
+            # What "text" fill adds ranks high by text: within the top (23 recovered + visual) by text score.
+            assert max(text_rank[patch] for patch in added) < 23 + len(kept_visual)
+        if not inputs.has_text[image]:
+            assert kept_text == kept_visual
+    assert differs
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("fill", ["text", "visual"])
+def test_guidance_off_and_adaptive_plans_ignore_the_share(share, fill):
+    """Vision-only RC at a budget, and adaptive RC (with text), are the same whatever the share and fill."""
+    inputs = random_inputs(4, 144, seed=23)
+    for settings in [{"guidance": None, "budget": 14}, {"guidance": None, "budget": 7}, {"budget": None}]:
+        before = compress_rc(inputs, RCConfig(recovered_share=None, **settings))
+        after = compress_rc(inputs, RCConfig(recovered_share=share, recovered_fill=fill, **settings))
+        assert torch.equal(before.source_index, after.source_index), settings
+        assert torch.equal(before.dense_weights(), after.dense_weights()), settings
+    assert_matches_reference(inputs, RCConfig(recovered_share=share, recovered_fill=fill))
+
+
+def test_share_zero_is_the_vision_only_selection():
+    """share 0 keeps no recovered token: the kept and centre patches are those of guidance=None (the merged
+    vectors differ: the text term still weighs a centre's candidates)."""
+    inputs = random_inputs(3, 144, seed=24)
+    for budget in [7, 14, 0.25]:
+        guided = compress_rc(inputs, RCConfig(budget=budget, recovered_share=0.0))
+        vision_only = compress_rc(inputs, RCConfig(budget=budget, guidance=None))
+        assert torch.equal(guided.source_index, vision_only.source_index), budget
+
+
+@pytest.mark.parametrize("settings", [{"recovered_share": -0.1}, {"recovered_share": 1.5},
+                                      {"recovered_share": "half"}, {"recovered_fill": "outliers"}])
+def test_invalid_share_settings_raise(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        RCConfig(budget=14, **settings)

@@ -68,8 +68,9 @@ def test_per_call_none_matches_stock_and_leaves_config_alone():
 
 @pytest.mark.parametrize(
     "compression",
-    [{"method": "cls_attention", "budget": 5}, "above_mean", None, {"method": "rc", "guidance": None}],
-    ids=["cls_attention", "above_mean", "default_rc_llm_guidance", "rc_vision_only"],
+    [{"method": "cls_attention", "budget": 5}, "above_mean", None, {"method": "rc", "guidance": "llm"},
+     {"method": "rc", "guidance": None}],
+    ids=["cls_attention", "above_mean", "default_rc", "rc_llm_guidance", "rc_vision_only"],
 )
 def test_batch_equals_each_sample_alone(compression, above_mean_method):
     compression = above_mean_method if compression == "above_mean" else compression

@@ -243,7 +243,7 @@ def test_a_choice_given_a_container_names_the_setting_and_the_choices(method, se
 def test_a_choice_given_a_container_is_refused_by_generate_and_forward():
     model = tiny_rc_model({"method": "rc"})
     batch = make_batch([4], [1])
-    with pytest.raises(ValueError, match=r"guidance .*must be one of \['clip', 'llm'\], got \['llm'\]"):
+    with pytest.raises(ValueError, match=r"guidance .*must be one of \['auto', 'clip', 'llm'\], got \['llm'\]"):
         model.generate(**batch, compression={"guidance": ["llm"]}, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"guidance .*must be one of"):
         model(**batch, compression={"guidance": ["llm"]})

@@ -105,7 +105,7 @@ def test_clip_guidance_errors():
     processor = rc_processor()
     inputs = processor(images=random_image(7), text="USER: <image> what ? ASSISTANT:", return_tensors="pt")
     without_tower = tiny_rc_model({"method": "rc", "guidance": "clip"})
-    with pytest.raises(ValueError, match=r"guidance='clip' needs a CLIP text tower.*use guidance='llm'"):
+    with pytest.raises(ValueError, match=r"guidance='clip' needs a CLIP text tower.*use guidance=None"):
         without_tower.generate(**inputs, **GREEDY)
     with_tower = tiny_rc_model({"method": "rc", "guidance": "clip"}, **CLIP_GUIDED)
     inputs.pop("guidance_input_ids")
@@ -118,7 +118,7 @@ def test_clip_guidance_errors():
 def test_llm_guidance_ignores_the_answer_in_forward():
     """In forward(labels=...), the question is only the tokens whose label is ignored: changing the answer
     tokens must not change which patches are kept."""
-    model = tiny_rc_model({"method": "trsm", "budget": 4})
+    model = tiny_rc_model({"method": "trsm", "budget": 4, "guidance": "llm"})
     processor = tiny_processor()
     image = random_image(8)
     kept = []
@@ -177,3 +177,40 @@ def test_clip_guided_rc_in_forward_with_labels():
     assert torch.isfinite(out.loss) and out.compression.kept_counts.tolist() == [6, 6]
     out.loss.backward()
     assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
+def test_auto_guidance_is_clip_with_the_tower_and_off_with_a_warning_without(caplog):
+    """The default guidance ("auto") is "clip" on a model with CLIP's text tower; on one without it the method
+    runs without text guidance and the call warns, naming the setting (never silently the LLM's embeddings)."""
+    from transformers.utils import logging as hf_logging
+
+    processor = rc_processor()
+    inputs = processor(images=random_image(8), text="USER: <image> what color is the circle ? ASSISTANT:",
+                       return_tensors="pt")
+    with_tower = tiny_rc_model({"method": "rc"}, **CLIP_GUIDED)
+    for method in ("rc", "trsm"):
+        assert with_tower.compression_settings({"method": method}).guidance == "clip"
+    auto = with_tower.generate(**inputs, compression={"method": "trsm", "budget": 4}, return_dict_in_generate=True,
+                               **GREEDY).compression
+    clip = with_tower.generate(**inputs, compression={"method": "trsm", "budget": 4, "guidance": "clip"},
+                               return_dict_in_generate=True, **GREEDY).compression
+    assert torch.equal(auto.source_index, clip.source_index)
+
+    without_tower = tiny_rc_model({"method": "rc"})
+    hf_logging.warning_once.cache_clear()
+    for method in ("rc", "trsm"):
+        with caplog.at_level("WARNING"):
+            caplog.clear()
+            settings = without_tower.compression_settings({"method": method, "budget": 4})
+            assert settings.guidance is None
+            assert f"compression '{method}' with guidance='auto'" in caplog.text and "no CLIP text tower" in caplog.text
+        off = without_tower.generate(**inputs, compression={"method": method, "budget": 4, "guidance": None},
+                                     return_dict_in_generate=True, **GREEDY).compression
+        default = without_tower.generate(**inputs, compression={"method": method, "budget": 4},
+                                         return_dict_in_generate=True, **GREEDY).compression
+        assert torch.equal(default.source_index, off.source_index)
+    hf_logging.warning_once.cache_clear()
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        assert without_tower.compression_settings({"method": "trsm", "guidance": "llm"}).guidance == "llm"
+        assert "guidance='llm'" in caplog.text and "not to aim at the question" in caplog.text

@@ -412,3 +412,33 @@ def test_signals_held_delivers_a_held_signal_when_the_block_ends():
             events.append("block finished")
     assert events == ["block finished"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "rc"], "text guidance: none. 'rc' has guidance='auto'"),
+        (["--method", "trsm"], "text guidance: none. 'trsm' has guidance='auto'"),
+        (["--method", "trsm", "--set", "guidance=llm"], "text guidance: 'llm'"),
+        (["--method", "rc", "--set", "guidance=null"], "text guidance: none (guidance=None, as set)"),
+        (["--method", "gprune"], "text guidance: none ('gprune' does not read the question)"),
+    ],
+)
+def test_upload_without_clip_states_the_text_guidance(no_weights, tmp_path, monkeypatch, capsys, argv, expected):
+    """The statement comes first, before any failure later on (here: no credentials for the push)."""
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    message = failure_message(["--base", str(no_weights), *argv, "--repo-id", "org/name"], capsys)
+    assert expected in message
+
+
+def test_guidance_statement_with_clip():
+    from llava_rc import parse_compression
+
+    parser = hub_upload.build_parser()
+    settings = hub_upload.parse_settings(parser, "rc", [], clip="openai/clip")
+    assert hub_upload.guidance_statement(settings, "openai/clip") == (
+        "text guidance: 'clip' (the text tower and projections of --clip openai/clip)"
+    )
+    assert hub_upload.guidance_statement(parse_compression({"method": "trsm"}).to_dict(), "c").startswith(
+        "text guidance: 'clip'"
+    )

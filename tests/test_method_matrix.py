@@ -15,8 +15,8 @@ METHOD_ROWS = {
     "prumerge": {"method": "prumerge", "budget": 6},
     "prumerge_plus": {"method": "prumerge_plus", "budget": 0.5},
     "gprune": {"method": "gprune", "budget": 7},
-    "trsm": {"method": "trsm", "budget": 0.25},
-    "rc": {"method": "rc", "budget": 6},
+    "trsm": {"method": "trsm", "budget": 0.25, "guidance": "llm"},  # text plumbing, no CLIP tower
+    "rc": {"method": "rc", "budget": 6, "guidance": "llm"},
 }
 ROWS = [settings for name, settings in METHOD_ROWS.items() if name in METHODS]
 BATCHES = {"batch1": ([6], [1]), "batch3_padded": ([6, 11, 3], [1, 2, 0])}

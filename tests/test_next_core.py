@@ -77,11 +77,11 @@ def kept_without_newlines(settings: dict, image_sizes) -> list[int]:
     [
         {"method": "cls_attention", "budget": 0.3},
         {"method": "cls_attention", "budget": 20},
-        {"method": "trsm", "budget": 7},
+        {"method": "trsm", "budget": 7, "guidance": "llm"},
         {"method": "gprune"},
         {"method": "gprune", "budget": 0.25},
         {"method": "gprune", "budget": 30},
-        {"method": "rc", "budget": 0.2},
+        {"method": "rc", "budget": 0.2, "guidance": "llm"},
     ],
     ids=["ratio", "count", "trsm_count", "gprune_default", "gprune_ratio", "gprune_count", "rc_ratio"],
 )

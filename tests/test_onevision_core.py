@@ -159,10 +159,10 @@ def kept_without_newlines(settings: dict, layouts) -> list[int]:
     [
         {"method": "cls_attention", "budget": 0.3},
         {"method": "cls_attention", "budget": 20},
-        {"method": "trsm", "budget": 7},
+        {"method": "trsm", "budget": 7, "guidance": "llm"},
         {"method": "gprune"},
         {"method": "gprune", "budget": 30},
-        {"method": "rc", "budget": 0.2},
+        {"method": "rc", "budget": 0.2, "guidance": "llm"},
         {"method": "random", "budget": 0.5},
     ],
     ids=["ratio", "count", "trsm_count", "gprune_default", "gprune_count", "rc_ratio", "random"],

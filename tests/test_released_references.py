@@ -4,8 +4,9 @@ Each reference below is written here, from a description of the authors' release
 ``token_prune_merge_advanced(_plus)``, FasterVLM's [CLS]-attention top-k, G-Prune's graph propagation), with plain
 loops over images and tokens in float64, following the released control flow (kept tokens in the released output
 order, then mapped to ours) rather than our implementation. Only the documented deviations are bridged: the
-released rule ``floor(floor(1 / r) / 3)`` is evaluated exactly as ``(N // outliers) // 3``, 575 becomes N - 1, and
-our output is in raster order. Indices must agree exactly, features to rtol 1e-5.
+released rule ``floor(floor(1 / r) / 3)`` is evaluated exactly as ``(N // outliers) // 3`` and 575 becomes N - 1.
+PruMerge(+) is checked in the released output order (its default) and in raster order (``token_order="raster"``).
+Indices must agree exactly, in order, features to rtol 1e-5.
 """
 
 import math
@@ -126,14 +127,21 @@ def run(name: str, settings: dict, inputs: CompressionInputs):
 
 @pytest.mark.parametrize("plus", [False, True], ids=["prumerge", "prumerge_plus"])
 @pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
-def test_prumerge_defaults_match_the_released_algorithm(plus, grid):
+@pytest.mark.parametrize("token_order", [None, "raster"], ids=["default order", "raster order"])
+def test_prumerge_defaults_match_the_released_algorithm(plus, grid, token_order):
+    """The defaults emit the released order (outliers by descending attention, then PruMerge+'s samples in raster
+    order); ``token_order="raster"`` the same tokens in raster order."""
     inputs = released_inputs(grid, seed=grid[0] + plus)
-    plan, output = run("prumerge_plus" if plus else "prumerge", {}, inputs)
+    settings = {} if token_order is None else {"token_order": token_order}
+    plan, output = run("prumerge_plus" if plus else "prumerge", settings, inputs)
     for image, (kept, tokens, extra) in enumerate(released_prumerge(inputs, plus)):
         count = int(plan.counts[image])
         assert len(kept) < inputs.num_patches  # the extra token exists
         assert count == len(kept) + 1  # the kept patches, then the extra token
-        order = sorted(range(len(kept)), key=lambda slot: kept[slot])  # released order -> raster order
+        order = list(range(len(kept)))  # the released order
+        if token_order == "raster":
+            order = sorted(order, key=lambda slot: kept[slot])
+        assert order != sorted(order, key=lambda slot: kept[slot]) or token_order == "raster"  # the orders differ
         assert plan.source_index[image, : count - 1].tolist() == [kept[slot] for slot in order]
         assert int(plan.source_index[image, count - 1]) == -1
         expected = torch.stack([tokens[slot] for slot in order] + [extra])
@@ -226,3 +234,20 @@ def test_fastervlm_reads_the_layer_that_produces_the_features():
         settings = parse_compression({"method": "cls_attention"})
         query, _, _ = model._attention_inputs(hidden_states, feature_layer, settings)
         torch.testing.assert_close(query, expected(1)[0])
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_prumerge_budget_order(grid):
+    """Under a budget the released order is descending attention (PruMerge), and for PruMerge+ the outliers so,
+    then the samples in raster order, then the patches that fill the budget by descending attention."""
+    inputs = released_inputs(grid, seed=grid[0])
+    attention = [joint_cls_attention(inputs.cls_query[i], inputs.attention_keys[i]) for i in range(inputs.num_images)]
+    plan, _ = run("prumerge", {"budget": 20}, inputs)
+    for image in range(inputs.num_images):
+        assert plan.source_index[image, :19].tolist() == descending(attention[image])[:19]
+    budget = inputs.num_patches * 3 // 4
+    plan, _ = run("prumerge_plus", {"budget": budget}, inputs)
+    for image, (kept, _, _) in enumerate(released_prumerge(inputs, plus=True)):
+        assert len(kept) < budget - 1, "the budget should add patches beyond the released set"
+        fill = [patch for patch in descending(attention[image]) if patch not in kept][: budget - 1 - len(kept)]
+        assert plan.source_index[image, : budget - 1].tolist() == kept + fill

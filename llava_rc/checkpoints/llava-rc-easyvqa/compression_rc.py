@@ -26,14 +26,24 @@ the values of ``v`` that the Local Outlier Factor with ``k`` neighbours flags (`
 Output per image: [kept (raster order); centres (descending ``a``); extra token]; ties in every ranking go to the
 lower patch index. Floors are taken in exact integer arithmetic (``floor(N * count / N) == count``).
 
-Fixed budget (``budget`` not None): exactly ``B = resolve_budget(budget, N)`` tokens per image, split in the
-proportions of the adaptive plan. The adaptive counts ``n_v, n_t, n_c`` are computed as above; then
+Fixed budget (``budget`` not None; the paper's RC is adaptive, so how a budget is shared is this project's design):
+exactly ``B = resolve_budget(budget, N)`` tokens per image. The adaptive counts ``n_v, n_t, n_c`` are computed as
+above; then
 - ``B == N``: all patches are kept; ``B == 1``: the top patch by ``a`` alone;
-- otherwise one slot is reserved for the extra token and the other ``B - 1`` go to centres
-  ``floor((B - 1) * n_c / D)``, recovered ``floor((B - 1) * n_t / D)`` and visual tokens (the rest), with
-  ``D = n_v + n_t + n_c`` (``D == 0``: all visual). The sets are then chosen with these counts by the rankings of
-  steps 1-4, so visual tokens beyond ``n_v`` are the next by ``a`` and a trim drops the lowest-ranked first. At
-  least two patches always remain for the extra token, so none is lost.
+- otherwise one slot is reserved for the extra token and the other ``S = B - 1`` are shared by ``recovered_share``:
+  - None: in the proportions of the adaptive plan: centres ``floor(S * n_c / D)``, recovered ``floor(S * n_t / D)``
+    and visual tokens the rest, ``D = n_v + n_t + n_c`` (``D == 0``: all visual). At small budgets this starves
+    the recovery (on the shipped model's mosaics ~32 : 11 : 4, so 14 tokens give ~2.6 recovered ones);
+  - a share ``f`` in [0, 1]: ``R = floor(S * f)`` slots are reserved for recovered tokens in every image that has
+    a question and text scores (none otherwise). ``recovered_fill`` says what happens when LOF recovered fewer
+    (``n_t < R``): ``"text"`` fills them with the next most text-similar patches outside the visual set (the
+    recovery ranking read further), ``"visual"`` recovers only ``n_t`` and hands the other slots back. The slots
+    left, ``S - recovered``, go to centres ``floor((S - recovered) * n_c / (n_v + n_c))`` and visual tokens (the
+    rest).
+  Without text (``guidance=None``, no question) every rule gives the same split (``n_t = 0``, nothing reserved).
+  The sets are then chosen with these counts by the rankings of steps 1-4, so visual tokens beyond ``n_v`` are the
+  next by ``a`` and a trim drops the lowest-ranked first. At least two patches always remain for the extra token,
+  so none is lost.
 
 Text scale. The released code divides the text cosine by a hard-coded sqrt(768), the width of the CLIP embedding
 its ``"clip"`` guidance compares. We divide by sqrt(``text_scale_dim``), by default the guidance width
@@ -69,16 +79,24 @@ import torch
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, check_choice, check_range
 from .compression_common import cls_attention, resolve_budget, stable_descending_order, stable_topk_indices
-from .compression_common import validate_budget
+from .compression_common import GUIDANCE_CHOICES, validate_budget
 from .compression_lof import lof_outlier_count
+
+RECOVERED_FILLS = ("text", "visual")
+# Default share of a budget's slots reserved for recovered tokens: the best mean accuracy at 10% and 5% of the
+# patches on training-split mosaics (never the test set) with the shipped model (benchmarks/rc_budget_share.py,
+# docs/rc.md, "Fixed budget").
+RECOVERED_SHARE = 0.9
 
 
 @dataclass(frozen=True)
 class RCConfig(MethodConfig):
     """Settings of ``"rc"``.
 
-    guidance: source of the text-patch scores: ``"llm"`` (the LLM's embedding of the question), ``"clip"`` (the
-        CLIP text tower vs the CLIP visual projection, as released) or None (vision-only: no recovery, no text term).
+    guidance: source of the text-patch scores: ``"auto"`` (``"clip"`` where the model has CLIP's text tower, else
+        None with a warning), ``"clip"`` (the CLIP text tower vs the CLIP visual projection, as released), ``"llm"``
+        (the LLM's input embedding of the question; our option, measured not to aim at the question: docs/methods.md)
+        or None (vision-only: no recovery, no text term).
     lof_neighbors_visual: LOF neighbours for the visual keep ratio over the [CLS] attention (paper: 20).
     lof_neighbors_text: LOF neighbours for the recovery ratio over the text scores (paper: 20).
     lof_neighbors_merge: LOF neighbours for the number of cluster centres among the remaining tokens (paper: 10).
@@ -93,13 +111,18 @@ class RCConfig(MethodConfig):
         layer's output (for LLaVA's feature layer -2, the last layer, as released).
     budget: None = the adaptive count per image (the paper); an int count or a float ratio of the patches =
         exactly ``resolve_budget(budget, N)`` tokens per image (split described in the module docstring).
+    recovered_share: with a budget, the share of the ``B - 1`` non-extra slots reserved for text-recovered tokens
+        (a number in [0, 1]; default 0.9, chosen on training-split mosaics), or None for the proportions of the
+        adaptive plan (the split before this setting existed). Unused without a budget or text.
+    recovered_fill: with ``recovered_share``, who fills reserved slots that LOF recovery leaves empty: ``"text"``
+        (the next most text-similar patches) or ``"visual"`` (they return to the visual and centre tokens).
     """
 
     method = "rc"
     stage = "vision"
     needs_attention = True
 
-    guidance: str | None = "llm"
+    guidance: str | None = "auto"
     lof_neighbors_visual: int = 20
     lof_neighbors_text: int = 20
     lof_neighbors_merge: int = 10
@@ -109,10 +132,12 @@ class RCConfig(MethodConfig):
     centre_candidates: str = "released"
     cls_attention_layer: int | None = None
     budget: int | float | None = None
+    recovered_share: float | None = RECOVERED_SHARE
+    recovered_fill: str = "text"
 
     def __post_init__(self):
         if self.guidance is not None:
-            check_choice("guidance (or None for vision-only)", self.guidance, {"llm", "clip"})
+            check_choice("guidance (or None for vision-only)", self.guidance, GUIDANCE_CHOICES)
         check_range("lof_neighbors_visual", self.lof_neighbors_visual, 1, None, integer=True)
         check_range("lof_neighbors_text", self.lof_neighbors_text, 1, None, integer=True)
         check_range("lof_neighbors_merge", self.lof_neighbors_merge, 1, None, integer=True)
@@ -124,6 +149,9 @@ class RCConfig(MethodConfig):
         if self.cls_attention_layer is not None:
             check_range("cls_attention_layer", self.cls_attention_layer, integer=True)
         validate_budget(self.budget, allow_none=True)
+        if self.recovered_share is not None:
+            check_range("recovered_share (or None for the adaptive proportions)", self.recovered_share, 0.0, 1.0)
+        check_choice("recovered_fill", self.recovered_fill, RECOVERED_FILLS)
 
 
 def _descending_rank(scores: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,19 +195,41 @@ def _recover(
 
 
 def _budget_counts(
-    budget_tokens: int, num_patches: int, visual: torch.Tensor, recovered: torch.Tensor, centres: torch.Tensor
+    budget_tokens: int,
+    num_patches: int,
+    visual: torch.Tensor,
+    recovered: torch.Tensor,
+    centres: torch.Tensor,
+    recovered_share: float | None = None,
+    recovered_fill: str = "text",
+    can_recover: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(visual, recovered, centres, extra) counts (I,) summing to ``budget_tokens``, in the proportions of the
-    adaptive counts (see the module docstring)."""
+    """(visual, recovered, centres, extra) counts (I,) summing to ``budget_tokens``, from the adaptive counts (I,)
+    shared as ``recovered_share`` / ``recovered_fill`` say (module docstring, "Fixed budget").
+
+    can_recover: (I,) bool, images with a question and text scores (None: none), where ``"text"`` fill reserves
+    slots.
+    """
     zeros = torch.zeros_like(visual)
     if budget_tokens >= num_patches:
         return torch.full_like(visual, num_patches), zeros, zeros, zeros
     if budget_tokens == 1:
         return torch.ones_like(visual), zeros, zeros, zeros
     slots = budget_tokens - 1  # one slot for the extra token
-    dynamic_total = (visual + recovered + centres).clamp(min=1)  # (I,)
-    budget_centres = slots * centres // dynamic_total
-    budget_recovered = slots * recovered // dynamic_total
+    if recovered_share is None:
+        dynamic_total = (visual + recovered + centres).clamp(min=1)  # (I,)
+        budget_centres = slots * centres // dynamic_total
+        budget_recovered = slots * recovered // dynamic_total
+    else:
+        reserved = math.floor(slots * recovered_share)  # exact for the floats a user writes (0.5 * 13 = 6.5)
+        if recovered_fill == "visual":
+            budget_recovered = recovered.clamp(max=reserved)  # (I,)
+        elif can_recover is None:
+            budget_recovered = zeros
+        else:
+            budget_recovered = torch.where(can_recover, reserved, zeros)  # (I,)
+        rest = slots - budget_recovered  # (I,)
+        budget_centres = rest * centres // (visual + centres).clamp(min=1)
     budget_visual = slots - budget_centres - budget_recovered
     return budget_visual, budget_recovered, budget_centres, torch.ones_like(visual)
 
@@ -220,8 +270,10 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     extra_count = centre_count > 0  # (I,) the extra token goes with R when there is no centre
     if config.budget is not None:
         budget_tokens = resolve_budget(config.budget, num_patches)
+        can_recover = text[1] if text is not None else None
         visual_count, recovered_count, centre_count, extra_count = _budget_counts(
-            budget_tokens, num_patches, visual_count, recovered_count, centre_count
+            budget_tokens, num_patches, visual_count, recovered_count, centre_count,
+            config.recovered_share, config.recovered_fill, can_recover,
         )
         visual = attention_rank < visual_count.unsqueeze(-1)
         recovered = _recover(text, visual, recovered_count)

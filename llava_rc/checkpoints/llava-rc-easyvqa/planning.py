@@ -36,13 +36,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.utils import logging
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan, cls_attention
+from .compression_common import resolve_guidance
 from .compression_registry import METHODS, method_function, update_compression
 from .input_checks import check_input_shapes
 from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
 from .sequence_packing import packed_width
 from .vision_importance import importance_score_kind, received_attention
+
+logger = logging.get_logger(__name__)
 
 # Marks a row-end newline token in an image's layout.
 # Marks a row-end newline token in an image's layout.
@@ -201,9 +205,27 @@ class CompressionPlanner:
 
         Keys given per call replace the config's settings of the same method and keep the rest; naming another
         method starts from that method's defaults (``compression_registry.update_compression``); a method name
-        alone means ``{"method": name}``.
+        alone means ``{"method": name}``. ``guidance="auto"`` becomes ``"clip"`` where this model has CLIP's text
+        tower, else None, with a warning (once) naming the setting; ``"llm"`` guidance warns (once) that it was
+        measured not to aim at the question.
         """
-        return update_compression(self.config.compression, compression)
+        requested = update_compression(self.config.compression, compression)
+        settings = resolve_guidance(requested, getattr(self, "guidance_text_model", None) is not None)
+        if getattr(requested, "guidance", None) == "auto" and settings.guidance is None:
+            logger.warning_once(
+                f"compression {settings.method!r} with guidance='auto': this model has no CLIP text tower (its config "
+                "has no guidance_text_config), so it runs without text guidance (guidance=None). The LLM's own "
+                "embeddings (guidance='llm') do not aim at the question on LLaVA-1.5-style models (docs/methods.md); "
+                "for the RC paper's guidance build the model with CLIP's text tower (llava-rc-upload --clip)."
+            )
+        elif settings.guidance_source == "llm":
+            logger.warning_once(
+                f"compression {settings.method!r} with guidance='llm': the cosine between the LLM's input embeddings "
+                "of the question and the projected image tokens was measured not to aim at the question (on the shipped "
+                "model it prefers background patches whatever is asked; docs/methods.md). Prefer guidance='clip' or "
+                "None."
+            )
+        return settings
 
     def _compression_method(self, compression: dict | str | MethodConfig | None) -> str | None:
         """The method name a call uses. None (the config's, validated when the config was built), a known method
@@ -347,7 +369,8 @@ class CompressionPlanner:
         if self.guidance_text_model is None:
             raise ValueError(
                 "guidance='clip' needs a CLIP text tower, which this model does not have (its config has no "
-                "guidance_text_config); use guidance='llm'"
+                "guidance_text_config); use guidance=None (no text guidance) or 'auto', or build the model with "
+                "CLIP's text tower (llava-rc-upload --clip)"
             )
         if guidance_input_ids is None:
             raise ValueError(
