@@ -64,7 +64,7 @@ def dynamic_ratio(values: torch.Tensor, n_neighbors: int) -> Fraction:
 def reference_rc(inputs: CompressionInputs, config: RCConfig) -> list[tuple[list[int], list[torch.Tensor]]]:
     """The adaptive algorithm step by step, one image and one centre at a time: (sources, output vectors).
 
-    Transcribed from the released algorithm's description (module docstring, /work/shared/METHODS.md): with
+    Transcribed from the released algorithm's description (module docstring and docs/rc.md): with
     ``centre_candidates="released"`` a centre picks from every other remaining patch, other centres included.
     """
     attention_all = cls_attention(inputs, per_head=False)

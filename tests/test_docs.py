@@ -169,3 +169,10 @@ def test_relative_links_resolve():
                 assert anchor in anchors(linked), f"{page.name}: link to a missing heading {target}"
     if pending:
         pytest.skip("; ".join(sorted(set(pending))))
+
+
+def test_docs_stand_alone():
+    """The pages cite papers and releases, never notes outside the repository (a ``shared/`` folder beside it)."""
+    for page in [*PAGES, ROOT / "benchmarks" / "NOTES.md"]:
+        for number, line in enumerate(page.read_text().splitlines(), start=1):
+            assert "shared/" not in line, f"{page.relative_to(ROOT)}:{number} cites a file outside the repository: {line}"
