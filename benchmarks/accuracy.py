@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from bench_common import ROOT, write_readme_section  # benchmarks/bench_common.py
+from bench_common import ROOT, checkpoint_sources, measured_at, write_readme_section, write_result  # benchmarks/bench_common.py
 from llava_rc import METHODS, easyvqa
 
 CHECKPOINT = ROOT / "llava_rc" / "checkpoints" / "llava-rc-easyvqa"
@@ -211,7 +211,8 @@ def generated_sections(result: dict) -> dict[str, list[str]]:
     source = (
         f"{result['questions']['easy_vqa_test']} easy-VQA test and {result['questions']['mosaic_test']} mosaic test "
         f"questions, {result['num_patches']} patch tokens per image; tokens are the mean kept per image on easy-VQA / "
-        f"mosaics; torch {result['torch']}, transformers {result['transformers']} (`benchmarks/results/accuracy.json`)."
+        f"mosaics; torch {result['torch']}, transformers {result['transformers']} (`benchmarks/results/accuracy.json`). "
+        + measured_at(result)
     )
     summary = [table_row(label, row) for label, row in summary_rows(result["rows"])]
     best_other_note = (
@@ -228,6 +229,11 @@ def generated_sections(result: dict) -> dict[str, list[str]]:
         "accuracy-table": [*header, *every_row, "", source],
         "accuracy-goals": goal_lines,
     }
+
+
+def committed_sections() -> dict[str, list[str]]:
+    """The tables made from the committed ``benchmarks/results/accuracy.json``."""
+    return generated_sections(json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text()))
 
 
 def update_readme(result: dict) -> None:
@@ -292,7 +298,7 @@ def main() -> None:
     }
     result["goals"] = goals(rows, num_patches)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = write_result(args.output_dir / "accuracy.json", result, extra_sources=checkpoint_sources(args.checkpoint))
     plot(result, args.output_dir / "accuracy.png")
     for name, check in result["goals"].items():
         print(("met     " if check["met"] else "MISSED  ") + name)
