@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 _clock = time.perf_counter
+STARTED = time.monotonic()  # about when the benchmark process started (scripts import this module first)
 
 
 def use_cpu_time() -> None:
@@ -154,6 +155,9 @@ def provenance(extra_sources: list[Path] = (), command: str | None = None) -> di
         "sources_committed": not changed,  # False: the sources differed from the commit (uncommitted changes)
         "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command or command_line(),
+        # How long the command ran (imports included) and how busy the machine was: what a rerun costs.
+        "wall_seconds": round(time.monotonic() - STARTED, 1),
+        "load_average": [round(value, 2) for value in os.getloadavg()],
         "fingerprint": combined_fingerprint(hashes),
         "sources": hashes,
     }
@@ -201,6 +205,29 @@ def measured_at(result: dict) -> str:
         return "Measured before commits were recorded (stale: `python benchmarks/regenerate.py`)."
     dirty = "" if record["sources_committed"] else " plus uncommitted changes"
     return f"Measured at commit {record['commit'][:10]}{dirty} on {record['measured']}: `{record['command']}`."
+
+
+def minutes_table() -> list[str]:
+    """How long each current result's command took, from the results' provenance (NOTES.md)."""
+    lines = [
+        "How long each benchmark took when its current result was written (wall time of the whole command on the "
+        "shared 2-core machine, with the load average beside it; generated from the results' provenance by "
+        "`python benchmarks/regenerate.py --minutes`):",
+        "",
+        "| results file | command | minutes | load average (1, 5, 15 min) | measured |",
+        "|---|---|---|---|---|",
+    ]
+    for path in current_results():
+        record = json.loads(path.read_text()).get("provenance")
+        if record is None or "wall_seconds" not in record:
+            lines.append(f"| `{path.name}` | {LEGACY_COMMANDS.get(path.name, '?')} | not recorded | | |")
+            continue
+        load = ", ".join(f"{value:.1f}" for value in record["load_average"])
+        lines.append(
+            f"| `{path.name}` | `{record['command']}` | {record['wall_seconds'] / 60:.1f} | {load} | "
+            f"{record['measured']} |"
+        )
+    return lines
 
 
 def section_text(marker: str) -> tuple[Path, str]:

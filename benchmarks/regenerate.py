@@ -10,8 +10,7 @@ tables (``--update-readme``) do so. Afterwards every file is checked again.
     python benchmarks/regenerate.py               # rerun the stale ones (CPU results: see the minutes below)
     python benchmarks/regenerate.py --only latency_cpu.json rc_step_cpu.json
 
-Minutes each command took on the 2-core development machine (one thread, shared with other jobs, nice 10):
-``benchmarks/NOTES.md`` ("How long each benchmark takes").
+Each result records how long its command ran; ``--minutes`` writes them as a table into ``benchmarks/NOTES.md``.
 """
 
 import argparse
@@ -22,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import ROOT, current_results, staleness  # benchmarks/bench_common.py
+from bench_common import (  # benchmarks/bench_common.py
+    ROOT, current_results, minutes_table, staleness, write_readme_section
+)
 
 
 def stale_files(only: list[str] | None = None) -> dict[Path, dict]:
@@ -63,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="only list the stale files and their commands")
     parser.add_argument("--only", nargs="+", default=None, help="results file names to consider (default: all)")
     parser.add_argument("--nice", type=int, default=10, help="priority of the reruns (default: %(default)s)")
+    parser.add_argument(
+        "--minutes", action="store_true", help="only regenerate NOTES.md's table of how long each benchmark took"
+    )
     args = parser.parse_args(argv)
+    if args.minutes:
+        write_readme_section("benchmark-minutes", minutes_table())
+        return 0
     stale = stale_files(args.only)
     if not stale:
         print("every results file matches today's sources")
@@ -81,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         subprocess.run(runnable(command, args.nice), cwd=ROOT, check=True)
         print(f"took {(time.monotonic() - start) / 60:.1f} min", flush=True)
-    still = {path: record for path, record in stale_files(args.only).items()}
+    write_readme_section("benchmark-minutes", minutes_table())
+    still = stale_files(args.only)
     for path, record in still.items():
         print("still stale: " + describe(path, record))
     return 1 if still else 0
