@@ -351,7 +351,15 @@ def dense_compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     )
 
 
-@pytest.mark.parametrize("num_images, num_patches, width", [(1, 576, 16), (8, 576, 8), (2, 1152, 8), (3, 100, 32)])
+@pytest.mark.parametrize(
+    "num_images, num_patches, width",
+    [
+        (1, 576, 16),
+        pytest.param(8, 576, 8, marks=pytest.mark.slow),  # batch and N beyond the quick cases: the full run only
+        pytest.param(2, 1152, 8, marks=pytest.mark.slow),
+        (3, 100, 32),
+    ],
+)
 def test_centre_merge_equals_dense_reference(num_images, num_patches, width):
     """The merge from centre x patch similarities gives bit-identical plans to the (I, N, N) version."""
     compared = 0
