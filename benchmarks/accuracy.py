@@ -227,7 +227,7 @@ def generated_sections(result: dict) -> dict[str, list[str]]:
     return {
         "accuracy": [*header, *summary, "", f"{best_other_note} {source}"],
         "accuracy-table": [*header, *every_row, "", source],
-        "accuracy-goals": goal_lines,
+        "accuracy-goals": [*goal_lines, "", measured_at(result)],
     }
 
 

@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 _clock = time.perf_counter
 STARTED = time.monotonic()  # about when the benchmark process started (scripts import this module first)
+STARTED_WALL = time.time()
 
 
 def use_cpu_time() -> None:
@@ -114,7 +115,7 @@ def loaded_sources() -> list[Path]:
         if path.suffix == ".py" and any(path.is_relative_to(folder) for folder in CODE_FOLDERS):
             files.add(path)
     main = sys.modules.get("__main__")
-    if getattr(main, "__file__", None):
+    if getattr(main, "__file__", None) and Path(main.__file__).resolve().is_relative_to(ROOT):
         files.add(Path(main.__file__).resolve())
     return sorted(files)
 
@@ -148,6 +149,9 @@ def provenance(extra_sources: list[Path] = (), command: str | None = None) -> di
     """Where a result comes from: the commit, the exact command, and the sha256 of every source file that determines
     its numbers (the loaded project modules plus ``extra_sources``, e.g. a checkpoint's files)."""
     sources = sorted({*loaded_sources(), *(Path(path).resolve() for path in extra_sources)})
+    edited = [relative(path) for path in sources if path.stat().st_mtime > STARTED_WALL]
+    if edited:  # the hashes would describe code other than the code that ran
+        raise RuntimeError(f"source files changed while the benchmark ran: {edited}; run it again")
     hashes = {relative(path): sha256_of(path) for path in sources}
     changed = git("status", "--porcelain", "--", *hashes) if hashes else ""
     return {

@@ -9,7 +9,7 @@ At LLaVA-1.5 geometry (CLIP ViT-L/14-336: 24 layers, 1024 wide, 577 tokens; rand
 Runs alternate, after a warm-up; medians are reported, and ratios come from the same run. Writes JSON (versions,
 hardware, settings) to ``benchmarks/results/`` and, with ``--update-readme``, the README table between markers.
 
-    python benchmarks/rc_step.py --batch-sizes 1 2 --repeats 3 --update-readme
+    OMP_NUM_THREADS=1 python benchmarks/rc_step.py --batch-sizes 1 4 --repeats 3 --update-readme
 
 ``--scaling LABEL`` instead measures how ``compress_rc`` + ``apply_plan`` grow with the patch count N (one image of
 N patches, as RC runs on a LLaVA-NeXT image's crops together) at ViT-L/14-336 width (C = A = 1024, 16 heads): time
@@ -295,6 +295,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (GPU default)")
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--readme-only", action="store_true", help="only regenerate the docs table from the saved JSON")
     parser.add_argument("--scaling", metavar="LABEL", help="measure growth in N instead; store the run as LABEL")
     parser.add_argument("--sizes", type=int, nargs="+", default=[576, 1152, 2880, 5760], help="N for --scaling")
     parser.add_argument("--budget", type=int, default=None, help="--scaling: also a fixed budget of this many tokens")
@@ -302,6 +303,9 @@ def main() -> None:
     parser.add_argument("--tower-repeats", type=int, default=3)
     parser.add_argument("--scaling-table", action="store_true", help="print the before/after table and exit")
     args = parser.parse_args()
+    if args.readme_only:
+        update_readme(json.loads((RESULTS / "rc_step_cpu.json").read_text()))
+        return
     if args.scaling_table:
         print(scaling_table())
         return
