@@ -101,13 +101,25 @@ def test_checkpoint_sources_are_the_files_that_change_its_numbers():
     assert "README.md" not in names and "training_report.json" not in names
 
 
-def test_regenerate_lists_stale_files_with_their_commands():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "regenerate.py"), "--list"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+def test_regenerate_lists_stale_files_with_their_commands(capsys):
+    import regenerate  # benchmarks/regenerate.py
+
+    status = regenerate.main(["--list"])
+    printed = capsys.readouterr().out
     stale = {path.name: record for path in RESULTS if (record := bench_common.staleness(path)) is not None}
-    assert result.returncode == (1 if stale else 0), result.stderr
+    assert status == (1 if stale else 0)
     for name, record in stale.items():
-        assert f"benchmarks/results/{name}:" in result.stdout
-        assert record["command"] is None or f"regenerate with: {record['command']}" in result.stdout
+        assert f"benchmarks/results/{name}:" in printed
+        assert record["command"] is None or f"regenerate with: {record['command']}" in printed
+        for source in record["changed"]:
+            assert source in printed
+
+
+def test_regenerate_runs_a_recorded_command_as_recorded():
+    import regenerate  # benchmarks/regenerate.py
+
+    command = "OMP_NUM_THREADS=1 python benchmarks/latency.py --geometry cpu-small --set budget=5"
+    assert regenerate.runnable(command, 10) == [
+        "env", "OMP_NUM_THREADS=1", "nice", "-n", "10", sys.executable, "benchmarks/latency.py", "--geometry",
+        "cpu-small", "--set", "budget=5",
+    ]
