@@ -78,19 +78,6 @@ HISTORY = RESULTS / "history"  # dated measurements of earlier code (before/afte
 CODE_FOLDERS = (ROOT / "llava_rc", ROOT / "benchmarks", ROOT / "tests")  # tests/: tiny models some benchmarks build
 # Files of a checkpoint folder that do not change what a model computes.
 CHECKPOINT_NON_SOURCES = {"README.md", "training_report.json"}
-# Results written before provenance was recorded, with the command that measured them (NOTES.md, docs): they are
-# stale by definition; regenerate.py reruns these. Remove an entry once its file carries provenance.
-LEGACY_COMMANDS = {
-    "accuracy.json": "OMP_NUM_THREADS=1 python benchmarks/accuracy.py --update-readme",
-    "latency_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/latency.py --geometry cpu-small --repeats 3 "
-    "--verify-largest-batch --update-readme",
-    "latency_next_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/latency.py --geometry cpu-next-small --repeats 3 "
-    "--update-readme",
-    "latency_onevision_cpu-onevision-small_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/latency_onevision.py "
-    "--geometry cpu-onevision-small --repeats 5 --update-readme",
-}
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:
@@ -176,14 +163,15 @@ def write_result(path: Path, result: dict, extra_sources: list[Path] = (), comma
     return result
 
 
-def staleness(path: Path) -> dict | None:
+def staleness(path: Path, legacy_commands: dict[str, str] | None = None) -> dict | None:
     """None when the results file describes today's sources; else why not (``reason``), the ``changed`` and
-    ``missing`` source files and the ``command`` that regenerates it (None when unknown)."""
+    ``missing`` source files and the ``command`` that regenerates it (for a file without provenance: its entry in
+    ``legacy_commands``, by file name; None when unknown)."""
     result = json.loads(Path(path).read_text())
     record = result.get("provenance")
     if record is None:
         return {"reason": "no provenance (measured before the commit and sources were recorded)",
-                "changed": [], "missing": [], "command": LEGACY_COMMANDS.get(Path(path).name)}
+                "changed": [], "missing": [], "command": (legacy_commands or {}).get(Path(path).name)}
     changed, missing = [], []
     for name, digest in record["sources"].items():
         source = ROOT / name
@@ -211,7 +199,7 @@ def measured_at(result: dict) -> str:
     return f"Measured at commit {record['commit'][:10]}{dirty} on {record['measured']}: `{record['command']}`."
 
 
-def minutes_table() -> list[str]:
+def minutes_table(legacy_commands: dict[str, str] | None = None) -> list[str]:
     """How long each current result's command took, from the results' provenance (NOTES.md)."""
     lines = [
         "How long each benchmark took when its current result was written (wall time of the whole command on the "
@@ -224,7 +212,8 @@ def minutes_table() -> list[str]:
     for path in current_results():
         record = json.loads(path.read_text()).get("provenance")
         if record is None or "wall_seconds" not in record:
-            lines.append(f"| `{path.name}` | {LEGACY_COMMANDS.get(path.name, '?')} | not recorded | | |")
+            command = (legacy_commands or {}).get(path.name)
+            lines.append(f"| `{path.name}` | {f'`{command}`' if command else '?'} | not recorded | | |")
             continue
         load = ", ".join(f"{value:.1f}" for value in record["load_average"])
         lines.append(

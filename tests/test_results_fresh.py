@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_common  # noqa: E402  (benchmarks/bench_common.py)
+from regenerate import LEGACY_COMMANDS  # noqa: E402  (benchmarks/regenerate.py)
 
 # The scripts whose results become docs tables (each has ``committed_sections()``: marker -> lines).
 TABLE_SCRIPTS = ["accuracy", "latency", "rc_step", "latency_onevision"]
@@ -26,7 +27,7 @@ RESULTS = bench_common.current_results()
 
 @pytest.mark.parametrize("path", RESULTS, ids=[path.name for path in RESULTS])
 def test_results_file_matches_todays_sources(path):
-    record = bench_common.staleness(path)
+    record = bench_common.staleness(path, LEGACY_COMMANDS)
     if record is None:
         return
     changed = ", ".join(record["changed"] + [f"{name} (missing)" for name in record["missing"]])
@@ -106,7 +107,9 @@ def test_regenerate_lists_stale_files_with_their_commands(capsys):
 
     status = regenerate.main(["--list"])
     printed = capsys.readouterr().out
-    stale = {path.name: record for path in RESULTS if (record := bench_common.staleness(path)) is not None}
+    stale = {
+        path.name: record for path in RESULTS if (record := bench_common.staleness(path, LEGACY_COMMANDS)) is not None
+    }
     assert status == (1 if stale else 0)
     for name, record in stale.items():
         assert f"benchmarks/results/{name}:" in printed
