@@ -36,9 +36,6 @@ LEGACY_COMMANDS = {
     "latency_next_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/latency.py --geometry cpu-next-small --repeats 3 "
     "--update-readme",
     "rc_step_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/rc_step.py --batch-sizes 1 4 --repeats 3 --update-readme",
-    "step_ops_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/step_ops.py",
-    "latency_onevision_cpu-onevision-small_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/latency_onevision.py "
-    "--geometry cpu-onevision-small --repeats 5 --update-readme",
 }
 
 
