@@ -954,8 +954,18 @@ def committed_sections() -> dict[str, list[str]]:
         result = json.loads(path.read_text())
         if result.get("benchmark") != "latency" or "batch16" not in result["settings"]["runs"]:
             continue
-        lines += readme_table(result) + [""]
+        lines += (readme_table(result) if "provenance" in result else withdrawn(path.name, result)) + [""]
     return {"latency": lines}
+
+
+def withdrawn(name: str, result: dict) -> list[str]:
+    """What a table shows for a result written before provenance was recorded: it describes older code, so its
+    figures are not shown."""
+    return [
+        f"`benchmarks/results/{name}` ({result.get('geometry', 'LLaVA-1.5 geometry')}) was measured before provenance "
+        "was recorded, with older code: its figures are withdrawn until `python benchmarks/regenerate.py` measures it "
+        "again."
+    ]
 
 
 def update_readme() -> None:

@@ -377,6 +377,11 @@ def update_readme(result: dict) -> None:
 
 
 def rc_step_table(result: dict) -> list[str]:
+    if "provenance" not in result:  # older code: the figures are not shown
+        return [
+            "`benchmarks/results/rc_step_cpu.json` was measured before provenance was recorded, with older code: its "
+            "figures are withdrawn until `python benchmarks/regenerate.py` measures it again."
+        ]
     lines = [
         f"RC step at LLaVA-1.5 geometry on {result['device']}, {result['dtype']}, {result['repeats']} repeats, "
         f"torch {result['torch']}, transformers {result['transformers']} (`benchmarks/results/rc_step_cpu.json`). "
