@@ -33,9 +33,10 @@ def normalise_compression_fields(config) -> None:
 class LlavaRCConfig(LlavaConfig):
     r"""LLaVA configuration whose model compresses the visual tokens of every image.
 
-    compression (`dict`, *optional*):
-        Plain-JSON settings ``{"method": <name>, <method parameters>}``, validated on construction against the
-        method registry (see ``llava_rc.compression_registry.METHODS``). A config without this key (None) becomes
+    compression (`dict` or `str`, *optional*):
+        Plain-JSON settings ``{"method": <name>, <method parameters>}`` (a method name alone means
+        ``{"method": name}``), validated on construction against the method registry (see
+        ``llava_rc.compression_registry.METHODS``) and stored as the dict with every default filled in. A config without this key (None) becomes
         Recoverable Compression with its defaults: ``{"method": "rc"}``, adaptive count, ``"llm"`` guidance (the
         language model's own embeddings; the RC paper's ``"clip"`` guidance needs ``guidance_text_config``).
         ``{"method": "none"}`` is the identity. Per-call ``compression=`` updates these settings (see
@@ -58,7 +59,7 @@ class LlavaRCConfig(LlavaConfig):
 
     model_type = "llava_rc"
 
-    compression: dict | None = None
+    compression: dict | str | None = None
     guidance_text_config: dict | None = None
     guidance_projection_dim: int | None = None
     importance_score: str | None = None
@@ -72,7 +73,7 @@ class LlavaRCConfig(LlavaConfig):
 class LlavaNextRCConfig(LlavaNextConfig):
     r"""LLaVA-NeXT (anyres) configuration whose model compresses the visual tokens of every image.
 
-    compression (`dict`, *optional*):
+    compression (`dict` or `str`, *optional*):
         As for [`LlavaRCConfig`]: ``{"method": <name>, <method parameters>}``, validated on construction; default
         ``{"method": "rc"}``. On anyres images a budget counts each image's visual tokens *without* newline tokens
         (base view N + unpadded high-resolution grid rows x cols = M, different per image): an int B keeps
@@ -91,7 +92,7 @@ class LlavaNextRCConfig(LlavaNextConfig):
 
     model_type = "llava_next_rc"
 
-    compression: dict | None = None
+    compression: dict | str | None = None
     guidance_text_config: dict | None = None
     guidance_projection_dim: int | None = None
     importance_score: str | None = None
@@ -105,7 +106,7 @@ class LlavaNextRCConfig(LlavaNextConfig):
 class LlavaOnevisionRCConfig(LlavaOnevisionConfig):
     r"""LLaVA-OneVision configuration whose model compresses the visual tokens of every image (not of videos).
 
-    compression (`dict`, *optional*):
+    compression (`dict` or `str`, *optional*):
         As for [`LlavaNextRCConfig`]: validated on construction, default ``{"method": "rc"}``; a budget counts each
         image's visual tokens without newline tokens (base view, then the unpadded grid, after the stock bilinear
         downsampling when the grid exceeds ``vision_aspect_ratio``), newline tokens are always kept. SigLIP has no
@@ -119,7 +120,7 @@ class LlavaOnevisionRCConfig(LlavaOnevisionConfig):
 
     model_type = "llava_onevision_rc"
 
-    compression: dict | None = None
+    compression: dict | str | None = None
     guidance_text_config: dict | None = None
     guidance_projection_dim: int | None = None
     importance_score: str | None = None

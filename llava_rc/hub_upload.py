@@ -594,6 +594,38 @@ def synthetic_pixels(processor):
     return torch.stack([rows, cols, (rows + cols) // 2], dim=-1).to(torch.uint8)  # (H, W, 3)
 
 
+def output_dir_problem(destination: Path, force: bool) -> str | None:
+    """What makes ``destination`` unusable as --output-dir (the end of a sentence naming it), or None.
+
+    Checked before any weights load: an existing destination must be a directory, empty unless ``force``; else the
+    folder that will hold it must be makeable and writable, tried by making its missing ancestors and a probe folder
+    in it, then removing what was made.
+    """
+    made = []
+    try:
+        if destination.exists():
+            if not destination.is_dir():
+                return "exists and is not a directory"
+            if any(destination.iterdir()) and not force:
+                return "is not empty; pass --force to replace it"
+        existing = destination.parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"cannot be created: {str(existing)!r} is a file, not a directory"
+        for folder in reversed([destination.parent, *destination.parent.parents]):
+            if not folder.exists():
+                folder.mkdir()
+                made.append(folder)
+        os.rmdir(tempfile.mkdtemp(prefix=".llava-rc-upload-probe-", dir=destination.parent))
+    except OSError as error:
+        return f"cannot be created: {error.strerror or error} ({error.filename or destination.parent})"
+    finally:
+        for folder in reversed(made):
+            os.rmdir(folder)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -606,11 +638,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{PAUSE_ENVIRONMENT}={pause!r}: expected STEP[:SECONDS] with STEP one of {PAUSE_STEPS}")
     compression = parse_settings(parser, args.method, args.settings, args.clip)
     destination = args.output_dir.resolve() if args.output_dir is not None else None
-    if destination is not None and destination.exists():
-        if not destination.is_dir():
-            parser.error(f"--output-dir {str(destination)!r} exists and is not a directory")
-        if any(destination.iterdir()) and not args.force:
-            parser.error(f"--output-dir {str(destination)!r} is not empty; pass --force to replace it")
+    if destination is not None:
+        problem = output_dir_problem(destination, args.force)
+        if problem:
+            parser.error(f"--output-dir {str(destination)!r} {problem}")
     import huggingface_hub
 
     if args.repo_id is not None and huggingface_hub.get_token() is None:

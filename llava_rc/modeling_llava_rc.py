@@ -149,7 +149,7 @@ class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextFo
             num_newlines = int((token_index == NEWLINE).sum())
             grid_tokens = token_index.shape[0] - num_newlines - num_patches
             views = ((side, side),)
-            if count > 1:
+            if count > 1 and num_newlines:  # a very wide image's unpadded grid can have no row: its base view alone
                 views = ((side, side), (num_newlines, grid_tokens // num_newlines))
             layouts.append(ImageLayout(token_index, views))
         return layouts
@@ -316,7 +316,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
             token_index[~is_newline] = torch.arange(int((~is_newline).sum()))
             num_newlines = int(is_newline.sum())
             views = ((side, side),)
-            if count > 1:
+            if count > 1 and num_newlines:  # a very wide image's unpadded grid can have no row: its base view alone
                 grid_tokens = token_index.shape[0] - num_newlines - side * side
                 views = ((side, side), (num_newlines, grid_tokens // num_newlines))
             layouts.append(
@@ -388,7 +388,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
         batch_num_images: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        compression: dict | None = None,
+        compression: dict | str | None = None,
         guidance_mask: torch.Tensor | None = None,
         guidance_input_ids: torch.Tensor | None = None,
         guidance_attention_mask: torch.Tensor | None = None,
@@ -399,7 +399,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
         (see ``CompressedGenerationMixin.forward``). ``pixel_values_videos`` with compression on raise a ValueError.
         Without images, or with ``"none"``, nothing is parsed: the stock call.
 
-        compression (`dict`, *optional*): settings for this call only; defaults to ``config.compression``.
+        compression (`dict` or `str`, *optional*): settings for this call only; defaults to ``config.compression``.
         """
         method = self._compression_method(compression)
         self._refuse_video(method, pixel_values_videos)
@@ -434,7 +434,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
         )
 
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, compression: dict | None = None, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, compression: dict | str | None = None, **kwargs):
         r"""``CompressedGenerationMixin.generate`` with the stock OneVision inputs (``batch_num_images``,
         ``vision_aspect_ratio``); compression off (or a text-only / video call with it off) is the stock generate.
         ``pixel_values_videos`` with compression on raise a ValueError."""

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from tiny import PAD_TOKEN_ID, make_batch, tiny_rc_model
+from transformers import LlavaForConditionalGeneration
 from transformers.modeling_utils import AttentionInterface
 from transformers.models.clip import modeling_clip
 from transformers.models.llama import modeling_llama
@@ -87,10 +88,24 @@ def test_device_map_loads_generate_like_a_plain_load(saved_model, dtype, device_
     assert torch.equal(compressed_generate(mapped), compressed_generate(plain))
 
 
-def test_bfloat16_generate_matches_a_bfloat16_cast_of_the_float32_model(saved_model):
-    cast = load(saved_model).to(torch.bfloat16)
+def test_bfloat16_load_holds_the_cast_weights_and_is_stock_with_compression_off(saved_model):
+    """from_pretrained(dtype=bfloat16) holds exactly the bf16 cast of every float32 weight, compresses as
+    configured, and with compression off generates exactly as stock LLaVA loaded the same way.
+
+    Every comparison is between two computations that are the same on any CPU. (A float32 model cast with
+    ``.to(torch.bfloat16)`` is not one: it also casts the rotary ``inv_freq`` buffers, which from_pretrained keeps
+    in float32, so on CPUs with native bf16 kernels its tokens may differ from the bf16 load.)"""
+    float32 = load(saved_model).state_dict()
     loaded = load(saved_model, dtype=torch.bfloat16)
-    assert torch.equal(compressed_generate(loaded), compressed_generate(cast))
+    for name, parameter in loaded.named_parameters():
+        assert parameter.dtype == torch.bfloat16, name
+        assert torch.equal(parameter, float32[name].to(torch.bfloat16)), name
+    compressed_generate(loaded)  # the configured RC keeps 5 tokens per image and the caller's prompt comes back
+    stock = LlavaForConditionalGeneration.from_pretrained(saved_model, dtype=torch.bfloat16).eval()
+    stock.generation_config.pad_token_id = PAD_TOKEN_ID
+    batch = make_batch([5, 9], [1, 1], seed=3)
+    off = loaded.generate(**batch, compression={"method": "none"}, **GREEDY)
+    assert torch.equal(off, stock.generate(**batch, **GREEDY))
 
 
 @pytest.mark.gpu

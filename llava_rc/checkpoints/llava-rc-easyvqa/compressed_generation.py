@@ -47,7 +47,7 @@ from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 
 from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan, cls_attention
-from .compression_registry import method_function, update_compression
+from .compression_registry import METHODS, method_function, update_compression
 from .input_checks import check_input_shapes
 from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
 from .sequence_packing import packed_width
@@ -63,7 +63,8 @@ NEWLINE = -1
 PADDING_SOURCE = -1  # past the image's kept count
 SYNTHETIC_SOURCE = -2  # a token merged from several patches with no anchor patch (RC's and PruMerge's extra token)
 NEWLINE_SOURCE = -3  # a row-end newline token (LLaVA-NeXT)
-# Set on the cache that a compressed generate() returns: it holds the compressed prompt, not the caller's ids.
+# Set on every cache filled from a compressed prompt (by generate() or forward()): it no longer lines up with the
+# caller's ids, so generate() refuses to continue from it.
 COMPRESSED_CACHE_FLAG = "llava_rc_compressed_prompt"
 
 
@@ -229,21 +230,30 @@ class CompressedGenerationMixin:
         return packed.position_ids
 
     # ---- settings -------------------------------------------------------------------------------------------
-    def compression_settings(self, compression: dict | MethodConfig | None = None) -> MethodConfig:
+    def compression_settings(self, compression: dict | str | MethodConfig | None = None) -> MethodConfig:
         """The validated settings for a call: ``config.compression`` updated by the per-call ``compression``.
 
         Keys given per call replace the config's settings of the same method and keep the rest; naming another
-        method starts from that method's defaults (``compression_registry.update_compression``).
+        method starts from that method's defaults (``compression_registry.update_compression``); a method name
+        alone means ``{"method": name}``.
         """
         return update_compression(self.config.compression, compression)
 
-    def _compression_method(self, compression: dict | MethodConfig | None) -> str | None:
-        """The method name a call uses, read without validating (cheap and traceable: no dataclass parsing)."""
+    def _compression_method(self, compression: dict | str | MethodConfig | None) -> str | None:
+        """The method name a call uses. None (the config's, validated when the config was built), a known method
+        name or ``{"method": <known name>}`` are read without parsing (cheap and traceable: forward's stock path,
+        every decoding step, stays graph-safe); anything else is validated here, so an invalid setting is refused
+        by every path, also where the method turns out to be ``"none"`` or no image is given."""
         if isinstance(compression, MethodConfig):
             return compression.method
-        if isinstance(compression, dict) and "method" in compression:
-            return compression["method"]
-        return (self.config.compression or {}).get("method")
+        if compression is None:
+            return (self.config.compression or {}).get("method")
+        name = compression if isinstance(compression, str) else None
+        if isinstance(compression, dict) and len(compression) == 1 and isinstance(compression.get("method"), str):
+            name = compression["method"]
+        if name in METHODS:
+            return name
+        return self.compression_settings(compression).method
 
     # ---- the pre-pass ---------------------------------------------------------------------------------------
     def _vision_feature_layer(self, vision_feature_layer) -> int:
@@ -595,6 +605,13 @@ class CompressedGenerationMixin:
                 f"input_ids has {num_placeholders} image tokens but pixel_values holds {num_images} image(s) of "
                 f"{per_image} (expected {sum(run_lengths)} image tokens)"
             )
+        if masked_placeholders:
+            raise ValueError(
+                f"attention_mask is 0 on {masked_placeholders} image placeholder position(s): compression reads every "
+                "image token of the prompt (stock LLaVA feeds them too), so a masked image would silently drop out "
+                "or misalign. Set the mask to 1 on the image tokens (0 only on padding), or pass "
+                "compression={'method': 'none'}"
+            )
         if has_non_finite:
             raise ValueError(
                 "the vision tower's features hold NaN or inf (non-finite pixel_values, or an overflow in this "
@@ -640,7 +657,7 @@ class CompressedGenerationMixin:
         # With fixed counts (a budget) the rebuilt width is known on the host: pack_sequences need not read it.
         fixed = [settings.fixed_count(layout.views) for layout in layouts]
         new_length = None
-        if masked_placeholders == 0 and None not in fixed:
+        if None not in fixed:
             host_kept = [count + runs - patches for count, runs, patches in zip(fixed, run_lengths, patch_counts)]
             new_length = packed_width(row_placeholders, row_text, run_lengths, host_kept)
         packed = pack_sequences(
@@ -714,7 +731,7 @@ class CompressedGenerationMixin:
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_sizes: torch.Tensor | None = None,
-        compression: dict | None = None,
+        compression: dict | str | None = None,
         guidance_mask: torch.Tensor | None = None,
         guidance_input_ids: torch.Tensor | None = None,
         guidance_attention_mask: torch.Tensor | None = None,
@@ -727,18 +744,23 @@ class CompressedGenerationMixin:
         padding, else left). So are ``hidden_states`` and ``attentions`` (``output_hidden_states``,
         ``output_attentions``): one position per token the language model read. ``return_dict=False`` returns
         the output as a tuple, as stock does. Without ``pixel_values``, or with method ``"none"``, this is exactly
-        the stock call (nothing parsed, graph-safe for ``torch.compile(fullgraph=True)``).
+        the stock call (nothing parsed when ``compression`` is None or a method name alone: graph-safe for
+        ``torch.compile(fullgraph=True)``; other settings are validated on every path, as by ``generate()``). With
+        ``use_cache=True`` the returned cache of a compressed call holds the compressed prompt: decode from it with
+        the returned ``attention_mask``; ``generate(past_key_values=...)`` refuses it (see ``generate()``).
 
-        compression (`dict`, *optional*): settings for this call, updating ``config.compression``: keys given
-            replace the config's settings of the same method, naming another method starts from its defaults,
-            e.g. ``{"budget": 64}`` or ``{"method": "cls_attention", "budget": 64}``.
+        compression (`dict` or `str`, *optional*): settings for this call, updating ``config.compression``: keys
+            given replace the config's settings of the same method, naming another method starts from its defaults,
+            e.g. ``{"budget": 64}`` or ``{"method": "cls_attention", "budget": 64}``; a method name alone means
+            ``{"method": name}``.
         guidance_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on the question's
             tokens, for text-guided methods (the processor makes it); defaults to every text token of the prompt.
         guidance_input_ids, guidance_attention_mask (`torch.Tensor` of shape `(batch_size, guidance_length)`,
             *optional*): the question tokenized for the CLIP text tower (``guidance="clip"``; the processor makes
             them). An all-zero mask row means the prompt has no question.
         """
-        if pixel_values is None or self._compression_method(compression) == "none":
+        method = self._compression_method(compression)  # validates any setting beyond a method name
+        if pixel_values is None or method == "none":
             return super().forward(
                 input_ids=input_ids,
                 pixel_values=pixel_values,
@@ -791,6 +813,8 @@ class CompressedGenerationMixin:
             return_dict=True,
             **kwargs,
         )
+        if outputs.past_key_values is not None:
+            setattr(outputs.past_key_values, COMPRESSED_CACHE_FLAG, True)
         return LlavaRCCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
@@ -805,7 +829,7 @@ class CompressedGenerationMixin:
 
     # ---- generate -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, compression: dict | None = None, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, compression: dict | str | None = None, **kwargs):
         r"""Stock ``generate()`` with the image tokens compressed once, before the prefill.
 
         The returned sequences start with the caller's own ``input_ids``, so ``out[:, input_ids.shape[1]:]`` is
@@ -815,17 +839,19 @@ class CompressedGenerationMixin:
         caller's prompt.
 
         The returned ``past_key_values`` of a compressed call hold the compressed prompt, not ``out.sequences``:
-        passing them back to continue is refused with a ValueError. Continue with ``generate(input_ids=
-        out.sequences, pixel_values=..., attention_mask=...)`` without the cache (the prompt is compressed again).
+        passing them back to continue is refused with a ValueError, as is any cache filled from a compressed prompt
+        (``forward(use_cache=True)`` with compression on). Continue with ``generate(input_ids=out.sequences,
+        pixel_values=..., attention_mask=...)`` without the cache (the prompt is compressed again).
 
-        compression (`dict`, *optional*): settings for this call, updating ``config.compression`` (keys given
-            replace the config's settings of the same method; naming another method starts from its defaults).
+        compression (`dict` or `str`, *optional*): settings for this call, updating ``config.compression`` (keys
+            given replace the config's settings of the same method; naming another method starts from its defaults;
+            a method name alone means ``{"method": name}``).
         """
         if getattr(kwargs.get("past_key_values"), COMPRESSED_CACHE_FLAG, False):
             raise ValueError(
-                "past_key_values come from a compressed generate(): they hold the compressed prompt, which no longer "
-                "lines up with out.sequences. Continue without the cache: generate(input_ids=out.sequences, "
-                "pixel_values=..., attention_mask=...) compresses the images again"
+                "past_key_values were filled from a compressed prompt (by generate() or forward() with compression "
+                "on): they no longer line up with the caller's input_ids. Continue without the cache: "
+                "generate(input_ids=out.sequences, pixel_values=..., attention_mask=...) compresses the images again"
             )
         settings = self.compression_settings(compression)  # parsed once per call, never per decoding step
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)

@@ -255,8 +255,13 @@ class MethodConfig:
 
 
 def check_choice(name: str, value, allowed) -> None:
-    """Raise ValueError naming ``name``, the bad ``value`` and the allowed values."""
-    if value not in allowed:
+    """Raise ValueError naming ``name``, the bad ``value`` and the allowed values (also for an unhashable value such
+    as a list, which a set of choices cannot even look up)."""
+    try:
+        valid = value in allowed
+    except TypeError:  # unhashable
+        valid = False
+    if not valid:
         raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
 
 
@@ -265,7 +270,7 @@ def check_range(name: str, value, low=None, high=None, *, integer: bool = False)
     kinds = (numbers.Integral,) if integer else (numbers.Real,)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise ValueError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
+    if not isinstance(value, numbers.Integral) and not math.isfinite(value):  # an int may not even fit a float
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")

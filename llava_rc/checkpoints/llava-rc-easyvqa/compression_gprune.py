@@ -31,6 +31,10 @@ from .compression_common import CompressionInputs, MethodConfig, TokenPlan, chec
 from .compression_common import select_mask, select_plan, validate_budget
 
 
+# The most propagation steps accepted: the paper takes 5; a bound keeps a typo (10**12) from looping for ever.
+MAX_STEPS = 100
+
+
 @dataclass(frozen=True)
 class GPruneConfig(MethodConfig):
     """Settings of ``"gprune"``.
@@ -40,7 +44,8 @@ class GPruneConfig(MethodConfig):
         ``keep_ratio``.
     similarity_threshold: cosine similarity at or above which two tokens are joined by an edge, in [-1, 1].
     temperature: divides the edge similarities before the row softmax; > 0 (smaller is sharper).
-    steps: propagation steps, the power of the transition matrix; >= 1.
+    steps: propagation steps, the power of the transition matrix; in [1, ``MAX_STEPS``] (each step is one
+        matrix-vector product per image, run in a loop).
     """
 
     method = "gprune"
@@ -62,7 +67,7 @@ class GPruneConfig(MethodConfig):
         check_range("temperature", self.temperature)
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        check_range("steps", self.steps, 1, integer=True)
+        check_range("steps", self.steps, 1, MAX_STEPS, integer=True)
 
     def fixed_count(self, views: tuple[tuple[int, int], ...]) -> int:
         """Always fixed: ``keep_ratio`` (or ``budget``) per graph, one graph per view (see ``view_counts``)."""

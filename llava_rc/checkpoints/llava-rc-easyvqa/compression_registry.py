@@ -37,8 +37,9 @@ METHODS: dict[str, tuple[type[MethodConfig], Callable | None]] = {
 }
 
 
-def parse_compression(settings: dict | MethodConfig | None) -> MethodConfig:
-    """Validate compression settings (``{"method": name, **params}``) into that method's config.
+def parse_compression(settings: dict | str | MethodConfig | None) -> MethodConfig:
+    """Validate compression settings (``{"method": name, **params}``, or a method name alone, meaning
+    ``{"method": name}``) into that method's config.
 
     Raises ValueError naming an unknown method or key, or a value out of range, and the allowed values; TypeError
     for a method name that is not a string. numpy integers and floats are accepted as Python numbers.
@@ -47,8 +48,7 @@ def parse_compression(settings: dict | MethodConfig | None) -> MethodConfig:
         return NoCompressionConfig()
     if isinstance(settings, MethodConfig):
         return settings
-    if not isinstance(settings, dict):
-        raise ValueError(f"compression must be a dict like {{'method': 'rc', ...}}, got {type(settings).__name__}")
+    settings = as_settings_dict(settings)
     params = {name: _plain_number(value) for name, value in settings.items()}
     method = params.pop("method", None)
     if not isinstance(method, str):
@@ -67,25 +67,39 @@ def parse_compression(settings: dict | MethodConfig | None) -> MethodConfig:
     return config_class(**params)
 
 
-def update_compression(base: dict | MethodConfig | None, update: dict | MethodConfig | None) -> MethodConfig:
+def update_compression(
+    base: dict | str | MethodConfig | None, update: dict | str | MethodConfig | None
+) -> MethodConfig:
     """The settings of one call: ``update`` applied to ``base`` (the model config's settings), validated.
 
     The rule of ``generate(**kwargs)`` over ``generation_config``: keys given in ``update`` replace the base's
     settings of the same method and keep the rest (``{"budget": 16}`` on an RC config stays RC with its guidance);
     naming another method starts from that method's defaults (``{"method": "gprune"}`` is G-Prune as registered).
-    A ``MethodConfig`` given as ``update`` is complete and is used as it is. None: the base alone.
+    A method name alone means ``{"method": name}``. A ``MethodConfig`` given as ``update`` is complete and is used
+    as it is. None: the base alone.
     """
     if isinstance(update, MethodConfig):
         return update
     base_config = parse_compression(base)
     if update is None:
         return base_config
-    if not isinstance(update, dict):
-        raise ValueError(f"compression must be a dict like {{'method': 'rc', ...}}, got {type(update).__name__}")
+    update = as_settings_dict(update)
     method = update.get("method", base_config.method)
     if method == base_config.method:
         return parse_compression({**base_config.to_dict(), **update})
     return parse_compression({**update, "method": method})
+
+
+def as_settings_dict(settings: dict | str) -> dict:
+    """Compression settings as a dict: a method name alone is ``{"method": name}``; a dict is returned as it is."""
+    if isinstance(settings, str):
+        return {"method": settings}
+    if not isinstance(settings, dict):
+        raise ValueError(
+            "compression must be a dict like {'method': 'rc', ...} or a method name (one of "
+            f"{sorted(METHODS)}), got {type(settings).__name__} {settings!r}"
+        )
+    return settings
 
 
 def _plain_number(value):
