@@ -28,6 +28,7 @@ each scenario's roofline ratio (``benchmarks/roofline.py``); efficiency = measur
 import argparse
 import ctypes
 import json
+import os
 import platform
 import statistics
 import sys
@@ -599,6 +600,7 @@ def main() -> None:
     if args.ttft_only and (args.verify_largest_batch or args.update_readme):
         raise SystemExit("--ttft-only measures no memory or decode: drop --verify-largest-batch and --update-readme")
 
+    load_at_start = os.getloadavg()  # (1, 5, 15 minutes): reported beside the results (a shared machine's load)
     ceilings_measured = measure_ceilings(device, dtype)
     ceilings = roofline.Ceilings(ceilings_measured["flops_per_second"], ceilings_measured["bytes_per_second"])
     log(f"ceilings: {ceilings_measured}")
@@ -693,6 +695,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},
         "settings": {
             "repeats": args.repeats,
             "warmup": 1,

@@ -21,22 +21,29 @@ sources (e.g. "adaptive" and "budget320"); comparisons across code versions ("be
 kept in ``benchmarks/results/history/``:
 
     OMP_NUM_THREADS=1 python benchmarks/rc_step.py --scaling after --batch-sizes 1 8 --sizes 576 1152 2880 5760
+
+``--budget 320 0.1`` adds fixed budgets (an int count or a float ratio of N); ``--with-previous`` also times the
+implementation before issue 28 (dense (I, K, N) plans, ``tests/reference_step.py``) in the same run.
 """
 
 import argparse
+import itertools
+import os
+import time
 import json
 import platform
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
-from sklearn.neighbors import LocalOutlierFactor
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+import bench_common
 from bench_common import (  # benchmarks/bench_common.py
-    HISTORY, RESULTS, measured_at, provenance, timed, write_readme_section, write_result
+    HISTORY, RESULTS, measured_at, provenance, timed, use_cpu_time, write_readme_section, write_result
 )
 from llava_rc.compression_common import CompressionInputs, apply_plan, cls_attention
 from llava_rc.compression_rc import RCConfig, compress_rc
@@ -79,7 +86,18 @@ def rc_step(tower, projector, hidden_states, question, settings: RCConfig):
     return apply_plan(features, compress_rc(inputs, settings))
 
 
+def have_sklearn() -> bool:
+    """The released structure runs sklearn's LOF; the ``bench`` extra (and the GPU machine) may not have it."""
+    try:
+        import sklearn.neighbors  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def sklearn_ratio(values: np.ndarray, neighbors: int) -> float:
+    from sklearn.neighbors import LocalOutlierFactor
+
     if len(values) < 2:
         return 0.0
     lof = LocalOutlierFactor(n_neighbors=min(neighbors, len(values) - 1), contamination="auto")
@@ -180,28 +198,37 @@ def scaling(args) -> None:
             timed(lambda: tower(pixel_values, output_hidden_states=True), device, args.tower_repeats)
         )
     settings = {"adaptive": RCConfig()}
-    if args.budget:
-        settings[f"budget {args.budget}"] = RCConfig(budget=args.budget)
+    for budget in args.budget or []:
+        settings[f"budget {budget}"] = RCConfig(budget=budget)
+    implementations = {"": (compress_rc, apply_plan)}
+    if args.with_previous:  # the implementation before issue 28, kept verbatim in tests/reference_step.py
+        sys.path.insert(0, str(ROOT / "tests"))
+        from reference_step import reference_compress_rc
+
+        def dense_apply(features, plan):
+            return torch.bmm(plan.merge_weights, features.float()).to(features.dtype)
+
+        implementations["previous "] = (reference_compress_rc, dense_apply)
     rows = []
-    for name, config in settings.items():
+    for (prefix, (compress, apply)), (name, config) in itertools.product(implementations.items(), settings.items()):
         for batch_size in args.batch_sizes:
             for num_patches in args.sizes:
                 inputs = scaling_inputs(batch_size, num_patches)
 
                 def step():
-                    plan = compress_rc(inputs, config)
-                    return plan, apply_plan(inputs.features, plan)
+                    plan = compress(inputs, config)
+                    return plan, apply(inputs.features, plan)
 
                 peak_bytes, operators = profiled_call(step)  # also the warm-up
                 plan, _ = step()
                 seconds, plan_seconds = [], []
                 while len(seconds) < args.repeats and sum(seconds) < args.max_seconds:
                     seconds += timed(step, device, 1)
-                    plan_seconds += timed(lambda: compress_rc(inputs, config), device, 1)
+                    plan_seconds += timed(lambda: compress(inputs, config), device, 1)
                 tower_seconds = crop_seconds * batch_size * num_patches / 576
                 rows.append(
                     {
-                        "settings": name,
+                        "settings": prefix + name,
                         "batch_size": batch_size,
                         "num_patches": num_patches,
                         "step_seconds": statistics.median(seconds),
@@ -233,6 +260,8 @@ def write_scaling_run(label: str, crop_seconds: float, rows: list[dict]) -> None
         "transformers": transformers.__version__,
         "geometry": "one image of N patches, C = A = 1024, 16 heads; tower: CLIP ViT-L/14-336, N / 576 crops",
         "tower_seconds_per_crop": crop_seconds,
+        "clock": "process CPU time" if bench_common._clock is time.process_time else "wall time",
+        "load_average": os.getloadavg(),
         "rows": rows,
         "growth_exponents": growth_exponents(rows),
     }
@@ -288,6 +317,10 @@ def scaling_table(before: str = "before", after: str = "after") -> str:
     return "\n".join(lines)
 
 
+def budget_argument(text: str) -> int | float:
+    return float(text) if "." in text else int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="RC step cost vs the vision tower and vs the released structure")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
@@ -298,9 +331,15 @@ def main() -> None:
     parser.add_argument("--readme-only", action="store_true", help="only regenerate the docs table from the saved JSON")
     parser.add_argument("--scaling", metavar="LABEL", help="measure growth in N instead; store the run as LABEL")
     parser.add_argument("--sizes", type=int, nargs="+", default=[576, 1152, 2880, 5760], help="N for --scaling")
-    parser.add_argument("--budget", type=int, default=None, help="--scaling: also a fixed budget of this many tokens")
+    parser.add_argument("--budget", type=budget_argument, nargs="+", default=None,
+                        help="--scaling: also these fixed budgets (int: tokens; float: ratio of N)")
+    parser.add_argument("--with-previous", action="store_true",
+                        help="--scaling: also time the implementation before issue 28 (tests/reference_step.py)")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="--scaling: stop repeating after this")
     parser.add_argument("--tower-repeats", type=int, default=3)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="--scaling: time with this process's CPU time (one thread, shared machine)")
+    parser.add_argument("--no-released", action="store_true", help="skip the released structure (needs sklearn)")
     parser.add_argument("--scaling-table", action="store_true", help="print the before/after table and exit")
     args = parser.parse_args()
     if args.readme_only:
@@ -310,6 +349,8 @@ def main() -> None:
         print(scaling_table())
         return
     if args.scaling:
+        if args.cpu_time:
+            use_cpu_time()
         scaling(args)
         return
     device = torch.device(args.device)
@@ -320,6 +361,9 @@ def main() -> None:
         torch.nn.Linear(1024, TEXT_WIDTH), torch.nn.GELU(), torch.nn.Linear(TEXT_WIDTH, TEXT_WIDTH)
     ).to(device, dtype)
     settings = RCConfig()
+    with_released = have_sklearn() and not args.no_released
+    if not with_released:
+        print("released structure not timed: scikit-learn is not installed (or --no-released)")
     rows = []
     with torch.no_grad():
         for batch_size in args.batch_sizes:
@@ -329,8 +373,9 @@ def main() -> None:
             stages = {
                 "vision": lambda: tower(pixel_values, output_hidden_states=True),
                 "rc_step": lambda: rc_step(tower, projector, hidden_states, question, settings),
-                "released": lambda: released_structure(tower, pixel_values, hidden_states, question, settings),
             }
+            if with_released:
+                stages["released"] = lambda: released_structure(tower, pixel_values, hidden_states, question, settings)
             for function in stages.values():  # warm-up
                 function()
             samples = {name: [] for name in stages}
@@ -343,7 +388,7 @@ def main() -> None:
                     "batch_size": batch_size,
                     "median_seconds": medians,
                     "rc_step_share_of_vision": medians["rc_step"] / medians["vision"],
-                    "released_over_rc_step": medians["released"] / medians["rc_step"],
+                    "released_over_rc_step": medians["released"] / medians["rc_step"] if with_released else None,
                 }
             )
             print(json.dumps(rows[-1]))
@@ -357,6 +402,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "geometry": "CLIP ViT-L/14-336 (24 layers, 1024 wide, 577 tokens), projector 1024->4096, random weights",
         "repeats": args.repeats,
+        "released_structure": "timed" if with_released else "not timed (no scikit-learn, or --no-released)",
         "rows": rows,
     }
     path = RESULTS / f"rc_step_{device.type}.json"
@@ -392,6 +438,8 @@ def rc_step_table(result: dict) -> list[str]:
     ]
     for row in result["rows"]:
         seconds = row["median_seconds"]
+        if "released" not in seconds:
+            raise ValueError("the README table needs the released structure timed (scikit-learn installed)")
         lines.append(
             f"| {row['batch_size']} | {seconds['vision'] * 1000:.0f} | {seconds['rc_step'] * 1000:.1f} | "
             f"{row['rc_step_share_of_vision']:.1%} | {seconds['released'] * 1000:.0f} | {row['released_over_rc_step']:.1f}x |"

@@ -54,6 +54,7 @@ METADATA_OPERATORS = {
     "aten::slice", "aten::select", "aten::transpose", "aten::view_as", "aten::detach", "aten::detach_",
     "aten::lift_fresh", "aten::resolve_neg", "aten::resolve_conj", "aten::unbind", "aten::alias", "aten::permute",
     "aten::t", "aten::split", "aten::split_with_sizes", "aten::narrow", "aten::as_strided", "aten::_unsafe_view",
+    "aten::unfold",
 }
 
 

@@ -85,18 +85,51 @@ class TokenPlan:
     source_index: (I, K) long, the original patch each output token stands for (for a merged token, the patch it
         was anchored at); -1 for synthetic tokens that stand for no single patch and for padding past ``counts``.
     counts: (I,) long, how many of the K output tokens are real for each image.
-    merge_weights: (I, K, N) float32 or None. Output token k is sum_n merge_weights[k, n] * features[n]; rows past
-        ``counts`` are zero. None means pure selection: output token k is features[source_index[k]].
+    A merging plan says how originals are combined, in one of two forms (both None: pure selection, output token k
+    is features[source_index[k]]):
+    - sparse (RC, PruMerge, PruMerge+): ``member_index`` (I, K, M) long and ``member_weights`` (I, K, M) float32,
+      output token k = sum_m member_weights[k, m] * features[member_index[k, m]] (M: the most patches one token
+      merges, unused entries at weight 0); plus at most one synthetic token per image spread over the whole image,
+      ``extra_weights`` (I, N) float32 (all 0 where an image has none), added to row ``extra_row`` (I,) long.
+      Memory and work O(K M + N) per image instead of O(K N).
+    - dense: ``merge_weights`` (I, K, N) float32, output token k = sum_n merge_weights[k, n] * features[n].
+    Rows past ``counts`` are zero.
     """
 
     source_index: torch.Tensor
     counts: torch.Tensor
     merge_weights: torch.Tensor | None = None
+    member_index: torch.Tensor | None = None
+    member_weights: torch.Tensor | None = None
+    extra_weights: torch.Tensor | None = None
+    extra_row: torch.Tensor | None = None
+
+    @property
+    def is_selection(self) -> bool:
+        """True when every output token is one original patch (no merge)."""
+        return self.merge_weights is None and self.member_index is None
+
+    def dense_weights(self, num_patches: int | None = None) -> torch.Tensor | None:
+        """(I, K, N) float32 merge weights of a merging plan (the dense form; O(K N) memory), None for a selection.
+
+        num_patches: N; None reads it from ``extra_weights`` (a sparse plan without them needs it).
+        """
+        if self.merge_weights is not None or self.member_index is None:
+            return self.merge_weights
+        if num_patches is None:
+            num_patches = self.extra_weights.shape[-1]
+        num_images, num_slots, _ = self.member_index.shape
+        weights = torch.zeros(num_images, num_slots, num_patches, device=self.member_index.device)  # (I, K, N)
+        weights.scatter_add_(2, self.member_index, self.member_weights)
+        if self.extra_weights is not None and num_slots:
+            row = self.extra_row.clamp(max=num_slots - 1).view(num_images, 1, 1).expand(-1, 1, num_patches)
+            weights.scatter_add_(1, row, self.extra_weights.unsqueeze(1))
+        return weights
 
     def absorbed_for(self, num_patches: int) -> torch.Tensor:
         """(I, K, N) bool: which original patches contributed to each output token."""
-        if self.merge_weights is not None:
-            return self.merge_weights != 0
+        if not self.is_selection:
+            return self.dense_weights(num_patches) != 0
         valid = self.source_index >= 0  # (I, K)
         one_hot = torch.nn.functional.one_hot(self.source_index.clamp(min=0), num_patches).bool()  # (I, K, N)
         return one_hot & valid.unsqueeze(-1)
@@ -184,9 +217,11 @@ def stable_topk_indices(values: torch.Tensor, k: int, largest: bool) -> torch.Te
     num_values = values.shape[-1]
     bits = (values.float() + 0.0).view(torch.int32)  # (..., N); + 0.0 turns -0.0 into 0.0
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # (..., N) same order as the floats: negatives' magnitude flipped
-    index = torch.arange(num_values, device=values.device)  # (N,)
-    tie_break = (num_values - 1 - index) if largest else index  # lower index first
-    keys = ordered.long().mul_(num_values).add_(tie_break)  # (..., N) unique int64 keys
+    if largest:  # lower index first
+        tie_break = torch.arange(num_values - 1, -1, -1, device=values.device)  # (N,)
+    else:
+        tie_break = torch.arange(num_values, device=values.device)  # (N,)
+    keys = torch.add(tie_break, ordered, alpha=num_values)  # (..., N) unique int64 keys: ordered * N + tie_break
     return keys.topk(k, dim=-1, largest=largest, sorted=True).indices
 
 
@@ -210,7 +245,26 @@ def plan_from_mask(chosen: torch.Tensor, max_count: int | None = None) -> TokenP
 
 
 def apply_plan(features: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
-    """(I, K, C) output tokens of a plan, in the dtype of ``features``; rows past ``counts`` are zero."""
+    """(I, K, C) output tokens of a plan, in the dtype of ``features``; rows past ``counts`` are zero.
+
+    Merges are summed in float32. A sparse plan costs O(K M C + N C) per image (no (I, K, N) matrix): one weighted
+    ``embedding_bag`` over the members, one matrix-vector product for the extra token.
+    """
+    if plan.member_index is not None:
+        num_images, num_patches, width = features.shape
+        num_slots, num_members = plan.member_index.shape[1:]
+        table = features.float().flatten(0, 1)  # (I * N, C)
+        offsets = torch.arange(0, num_images * num_patches, num_patches, device=features.device)  # (I,)
+        rows = plan.member_index + offsets.view(-1, 1, 1)  # (I, K, M) rows of the flattened table
+        merged = torch.nn.functional.embedding_bag(
+            rows.view(-1, num_members), table, per_sample_weights=plan.member_weights.reshape(-1, num_members),
+            mode="sum",
+        ).view(num_images, num_slots, width)  # (I, K, C)
+        if plan.extra_weights is not None and num_slots:
+            extra = torch.bmm(plan.extra_weights.unsqueeze(1), features.float())  # (I, 1, C)
+            row = plan.extra_row.clamp(max=num_slots - 1).view(-1, 1, 1).expand(-1, 1, width)  # (I, 1, C)
+            merged = merged.scatter_add(1, row, extra)
+        return merged.to(features.dtype)
     if plan.merge_weights is not None:
         merged = torch.bmm(plan.merge_weights.to(torch.float32), features.float())  # (I, K, C)
         return merged.to(features.dtype)

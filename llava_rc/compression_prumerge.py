@@ -146,7 +146,7 @@ def compress_prumerge(inputs: CompressionInputs, config: PruMergeConfig) -> Toke
 
     inputs.features: (I, N, C); inputs.cls_query (I, A); inputs.attention_keys (I, 1 + N, A) (or the precomputed
     attention and ``keys`` of multi-crop images).
-    Returns a merging plan (see ``merge_plan``).
+    Returns a sparse merging plan (see ``merge_plan``).
     """
     attention = cls_attention(inputs, per_head=config.attention == "per_head")  # (I, N)
     outliers = iqr_outliers(attention)  # (I, N)
@@ -184,8 +184,9 @@ def merge_plan(inputs: CompressionInputs, config: PruMergeConfig, attention: tor
 
     attention: (I, N) float32; chosen: (I, N) bool, the adaptive set; priority: (I, N) ranking for a budget.
     Returns K output rows per image: the kept patches in raster order, then the extra token (source_index -1),
-    then padding; merge_weights (I, K, N). K = ``resolve_budget(budget, N)`` with a budget (known on the host),
-    else the largest count in the batch (one host sync).
+    then padding, as a sparse merge plan (``TokenPlan``: members (I, K, 1 + k), the extra token's weights (I, N)).
+    K = ``resolve_budget(budget, N)`` with a budget (known on the host), else the largest count in the batch (one
+    host sync).
     """
     num_images, num_patches = attention.shape
     if config.budget is None:
@@ -198,45 +199,49 @@ def merge_plan(inputs: CompressionInputs, config: PruMergeConfig, attention: tor
         kept = select_mask(priority, max_count - with_extra)  # (I, N)
         extra = torch.full((num_images,), with_extra, dtype=torch.bool, device=attention.device)  # (I,)
     plan = plan_from_mask(kept, max_count)  # (I, K), -1 past the kept patches
-    weights = neighbour_weights(plan.source_index, attention, inputs.patch_keys, config)  # (I, K, N)
+    member_index, member_weights = neighbour_members(plan.source_index, attention, inputs.patch_keys, config)
     # The extra token: sum of the pruned patches weighted by attention, in the row after the kept ones.
-    extra_row = (attention * ~kept * extra.unsqueeze(-1)).unsqueeze(1)  # (I, 1, N)
-    extra_slot = plan.counts.clamp(max=max(max_count - 1, 0)).view(num_images, 1, 1).expand(-1, 1, num_patches)
-    if max_count:
-        weights = weights.scatter_add(1, extra_slot, extra_row)  # adds zeros where an image has no extra token
-    return TokenPlan(source_index=plan.source_index, counts=plan.counts + extra, merge_weights=weights)
+    extra_weights = attention * (~kept & extra.unsqueeze(-1))  # (I, N), zero where an image has no extra token
+    return TokenPlan(
+        source_index=plan.source_index,
+        counts=plan.counts + extra,
+        member_index=member_index,
+        member_weights=member_weights,
+        extra_weights=extra_weights,
+        extra_row=plan.counts,
+    )
 
 
-def neighbour_weights(source_index: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor,
-                      config: PruMergeConfig) -> torch.Tensor:
-    """(I, K, N) float32 merge weights of the kept patches ``source_index`` (I, K) (-1: a zero row).
+def neighbour_members(source_index: torch.Tensor, attention: torch.Tensor, keys: torch.Tensor,
+                      config: PruMergeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """((I, K, 1 + k) long members, (I, K, 1 + k) float32 weights) of the kept patches ``source_index`` (I, K)
+    (-1: a row of zero weights): each kept patch first, then its ``k`` most key-similar other patches.
 
     attention: (I, N) float32; keys: (I, N, A). Similarities are kept-patch x all-patch, (I, K, N): no N x N.
     """
     num_images, num_patches = attention.shape
     valid = (source_index >= 0).unsqueeze(-1)  # (I, K, 1)
-    anchor = source_index.clamp(min=0)  # (I, K)
-    own = torch.zeros(*source_index.shape, num_patches, device=attention.device)  # (I, K, N)
-    own.scatter_(2, anchor.unsqueeze(-1), 1.0)  # each kept patch at weight 1
+    anchor = source_index.clamp(min=0).unsqueeze(-1)  # (I, K, 1)
+    own_weight = valid.float()  # (I, K, 1) each kept patch at weight 1
     neighbours = config.neighbours_for(num_patches)
     if config.merge == "none" or neighbours == 0:
-        return own * valid
+        return anchor, own_weight
     unit_keys = torch.nn.functional.normalize(keys.float(), dim=-1)  # (I, N, A)
-    anchor_keys = unit_keys.gather(1, anchor.unsqueeze(-1).expand(-1, -1, unit_keys.shape[-1]))  # (I, K, A)
+    anchor_keys = unit_keys.gather(1, anchor.expand(-1, -1, unit_keys.shape[-1]))  # (I, K, A)
     similarity = anchor_keys @ unit_keys.transpose(1, 2)  # (I, K, N)
     # A patch is never its own neighbour: -inf ranks it last, behind every other patch.
-    similarity.scatter_(2, anchor.unsqueeze(-1), -math.inf)
+    similarity.scatter_(2, anchor, -math.inf)
     nearest = stable_topk_indices(similarity, neighbours, largest=True)  # (I, K, k)
-    members = torch.zeros_like(similarity).scatter_(2, nearest, 1.0)  # (I, K, N) the neighbours
-    neighbour_attention = members * attention.unsqueeze(1)  # (I, K, N)
+    members = torch.cat([anchor, nearest], dim=-1)  # (I, K, 1 + k)
+    neighbour_attention = attention.gather(1, nearest.flatten(1)).view_as(nearest)  # (I, K, k)
     if config.merge == "released":
-        return (own + neighbour_attention) * valid
+        return members, torch.cat([own_weight, neighbour_attention * valid], dim=-1)
     # "average": {p} and its neighbours, weighted by attention and normalised.
-    weights = neighbour_attention + own * attention.unsqueeze(1)  # (I, K, N)
+    weights = attention.gather(1, members.flatten(1)).view_as(members)  # (I, K, 1 + k)
     total = weights.sum(dim=-1, keepdim=True)  # (I, K, 1)
-    plain_mean = (members + own) / (neighbours + 1)  # (I, K, N)
+    plain_mean = torch.full_like(weights, 1.0 / (neighbours + 1))  # (I, K, 1 + k)
     weights = torch.where(total > 0, weights / total.clamp(min=torch.finfo(total.dtype).tiny), plain_mean)
-    return weights * valid
+    return members, weights * valid
 
 
 def iqr_outliers(attention: torch.Tensor) -> torch.Tensor:
@@ -255,8 +260,9 @@ def with_top_patch(chosen: torch.Tensor, attention: torch.Tensor) -> torch.Tenso
 def strict_iqr_outliers(attention: torch.Tensor) -> torch.Tensor:
     """(I, N) bool: ``attention > Q3 + 1.5 * IQR`` per image (possibly none), quartiles by linear interpolation as
     numpy's default percentile."""
-    quartiles = torch.quantile(attention, attention.new_tensor([0.25, 0.75]), dim=-1, keepdim=True)  # (2, I, 1)
-    first, third = quartiles[0], quartiles[1]  # (I, 1) each
+    # Python-float quantiles: a tensor of them would be copied from the host, a sync that breaks CUDA-graph capture.
+    first = torch.quantile(attention, 0.25, dim=-1, keepdim=True)  # (I, 1)
+    third = torch.quantile(attention, 0.75, dim=-1, keepdim=True)  # (I, 1)
     return attention > third + 1.5 * (third - first)  # (I, N)
 
 

@@ -126,7 +126,7 @@ class RCConfig(MethodConfig):
         validate_budget(self.budget, allow_none=True)
 
 
-def _descending_rank(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+def _descending_rank(scores: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
     """(I, N) long: each patch's place among the eligible patches by descending score (ties: lower index first).
 
     Ineligible patches rank after all eligible ones, so ``rank < count`` selects the top ``count`` eligible.
@@ -134,11 +134,14 @@ def _descending_rank(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tens
     return _descending_order_and_rank(scores, eligible)[1]
 
 
-def _descending_order_and_rank(scores: torch.Tensor, eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """((I, N) patch at each place, (I, N) place of each patch), as in ``_descending_rank``."""
-    order = stable_descending_order(scores.masked_fill(~eligible, float("-inf")))  # (I, N) patch per place
-    places = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)  # (I, N)
-    return order, torch.empty_like(order).scatter_(1, order, places)
+def _descending_order_and_rank(
+    scores: torch.Tensor, eligible: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((I, N) patch at each place, (I, N) place of each patch), as in ``_descending_rank`` (None: all eligible)."""
+    if eligible is not None:
+        scores = scores.masked_fill(~eligible, float("-inf"))
+    order = stable_descending_order(scores)  # (I, N) patch per place
+    return order, order.argsort(dim=-1)  # the inverse permutation: place per patch
 
 
 def _text_guidance(inputs: CompressionInputs, config: RCConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -160,7 +163,7 @@ def _recover(
     if text is None:
         return torch.zeros_like(visual)
     scores, _ = text
-    return _descending_rank(scores, ~visual) < recovered_count.unsqueeze(-1)
+    return _descending_rank(scores.masked_fill(visual, float("-inf"))) < recovered_count.unsqueeze(-1)
 
 
 def _budget_counts(
@@ -187,15 +190,16 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
 
     inputs.features: (I, N, C) feature-layer patch tokens (stage "vision"); cls_query (I, A); attention_keys
     (I, 1 + N, A); text_scores (I, N) cosine in [-1, 1] or None; has_text (I,) bool or None (all True).
-    Returns a merge plan: source_index (I, K) (patch of each kept or centre token, -1 for the extra token and
-    padding), counts (I,), merge_weights (I, K, N) float32 (kept rows one-hot; a centre row 1 at the centre and
-    ``a_m`` at its absorbed patches; the extra row ``a_m`` at every non-centre remaining patch).
+    Returns a sparse merge plan (``TokenPlan``): source_index (I, K) (patch of each kept or centre token, -1 for the
+    extra token and padding), counts (I,); members (I, K, 1 + M), M = min(merge_neighbors, N): a kept row its patch
+    at weight 1, a centre row 1 at the centre and ``a_m`` at its absorbed patches; extra_weights (I, N) ``a_m`` at
+    every non-centre remaining patch, in row ``extra_row`` (kept + centres).
     """
     attention = cls_attention(inputs, per_head=False)  # (I, N) float32
     num_images, num_patches = attention.shape
     device = attention.device
     text = _text_guidance(inputs, config)
-    attention_rank = _descending_rank(attention, torch.ones_like(attention, dtype=torch.bool))  # (I, N)
+    attention_rank = _descending_rank(attention)  # (I, N)
 
     # 1-2. Visual keep count from the attention's outliers; recovery count from the text scores' outliers.
     visual_count = lof_outlier_count(attention, None, config.lof_neighbors_visual)  # (I,)
@@ -203,17 +207,17 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     recovered_count = torch.zeros_like(visual_count)
     if text is not None:
         scores, has_text = text
-        replaced = scores.where(~visual, scores.min(dim=-1, keepdim=True).values)  # (I, N)
+        replaced = torch.where(visual, scores.min(dim=-1, keepdim=True).values, scores)  # (I, N)
         text_outliers = lof_outlier_count(replaced, None, config.lof_neighbors_text)  # (I,)
         recovered_count = ((num_patches - visual_count) * text_outliers // num_patches).where(has_text, 0)
     recovered = _recover(text, visual, recovered_count)  # (I, N)
 
     # 4. Cluster centres: the attention outliers among the remaining patches.
-    centre_count = lof_outlier_count(attention, ~(visual | recovered), config.lof_neighbors_merge)  # (I,)
+    centre_count = lof_outlier_count(attention, n_neighbors=config.lof_neighbors_merge, invalid=visual | recovered)
     # 6. At least one token per image: an empty plan keeps the top patch by attention (nothing was recovered).
-    visual_count = visual_count + ((visual_count + recovered_count + centre_count) == 0).long()  # (I,)
+    visual_count = visual_count + ((visual_count + recovered_count + centre_count) == 0)  # (I,)
     visual = attention_rank < visual_count.unsqueeze(-1)  # (I, N)
-    extra_count = (centre_count > 0).long()  # (I,) the extra token goes with R when there is no centre
+    extra_count = centre_count > 0  # (I,) the extra token goes with R when there is no centre
     if config.budget is not None:
         budget_tokens = resolve_budget(config.budget, num_patches)
         visual_count, recovered_count, centre_count, extra_count = _budget_counts(
@@ -226,11 +230,11 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     centre_order, centre_rank = _descending_order_and_rank(attention, remaining)  # (I, N) each
     centre = centre_rank < centre_count.unsqueeze(-1)  # (I, N)
     absorbed = remaining & ~centre  # (I, N) non-centre remaining patches
-    with_extra = absorbed & (extra_count > 0).unsqueeze(-1)  # (I, N) patches summed into the extra token
 
     # Output rows: kept in raster order, then centres by descending attention, then the extra token.
     kept_count = kept.sum(dim=-1)  # (I,)
-    counts = kept_count + centre_count + extra_count  # (I,)
+    extra_row = kept_count + centre_count  # (I,)
+    counts = extra_row + extra_count  # (I,)
     if config.budget is not None:  # every image has exactly the budget: known on the host, no sync
         max_count = resolve_budget(config.budget, num_patches) if num_images else 0
         # One slot is the extra token's, so B - 1 bounds every centre count (no centres when B is 1 or all of N).
@@ -240,10 +244,20 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     else:
         max_count = max_centres = 0
 
+    # Patches by output row: kept ones (key: patch - N, raster order), then the others by centre rank (centres
+    # first, by descending attention); rows from kept + centres on are the extra token or padding (-1).
+    patch_index = torch.arange(num_patches, device=device)  # (N,)
+    row_order = torch.where(kept, patch_index - num_patches, centre_rank).sort(dim=-1).indices[:, :max_count]
+    if max_count > num_patches:  # every patch is an output token and there is an extra token
+        row_order = torch.nn.functional.pad(row_order, (0, max_count - num_patches))
+    slot = torch.arange(max_count, device=device)  # (K,)
+    source_index = row_order.masked_fill(slot >= extra_row.unsqueeze(-1), -1)  # (I, K)
+
     # Each centre's candidates: key cosine + text_weight * text score, only for the centres: (I, C, N), C the most
     # centres of any image, never (I, N, N).
     centre_patch = centre_order[:, :max_centres]  # (I, C) patch of each centre place
-    is_centre_slot = torch.arange(centre_patch.shape[1], device=device) < centre_count.unsqueeze(-1)  # (I, C)
+    centre_slot = torch.arange(centre_patch.shape[1], device=device)  # (C,)
+    is_centre_slot = centre_slot < centre_count.unsqueeze(-1)  # (I, C)
     keys = torch.nn.functional.normalize(inputs.patch_keys.float(), dim=-1)  # (I, N, A)
     centre_keys = keys.gather(1, centre_patch.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))  # (I, C, A)
     candidate_scores = centre_keys @ keys.transpose(1, 2)  # (I, C, N) centre x patch cosine
@@ -252,7 +266,6 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
         text_term = config.text_weight * scores.where(has_text.unsqueeze(-1), 0.0)  # (I, N)
         candidate_scores = candidate_scores + text_term.unsqueeze(1)
     if config.centre_candidates == "released":  # every other remaining patch, other centres included
-        patch_index = torch.arange(num_patches, device=device)  # (N,)
         pool = remaining.unsqueeze(1) & (patch_index != centre_patch.unsqueeze(-1))  # (I, C, N)
     else:
         pool = absorbed.unsqueeze(1)  # (I, 1, N)
@@ -262,31 +275,26 @@ def compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     candidates = stable_topk_indices(candidate_scores, num_candidates, largest=True)  # (I, C, M)
     pool = pool.expand(-1, centre_patch.shape[1], -1)  # (I, C, N)
     is_candidate = pool.gather(-1, candidates) & is_centre_slot.unsqueeze(-1)  # (I, C, M)
-
-    spare_row = max_count  # rows written here are dropped
-    kept_row = kept.long().cumsum(dim=-1) - 1  # (I, N)
-    centre_row = kept_count.unsqueeze(-1) + centre_rank  # (I, N)
-    extra_row = (kept_count + centre_count).unsqueeze(-1).expand(-1, num_patches)  # (I, N)
-    row = torch.full_like(kept_row, spare_row)
-    row = torch.where(with_extra, extra_row, row)
-    row = torch.where(centre, centre_row, row)
-    row = torch.where(kept, kept_row, row)  # (I, N) output row of each patch's own weight
-    own_weight = torch.where(kept | centre, 1.0, torch.where(with_extra, attention, 0.0))  # (I, N)
-
-    merge_weights = torch.zeros(num_images, max_count + 1, num_patches, device=device)  # (I, K + 1, N)
-    merge_weights.scatter_(1, row.unsqueeze(1), own_weight.unsqueeze(1))
-    # Each absorbed patch adds a_m in its centre's row; empty centre slots and non-candidates go to the spare row.
-    centre_slot_row = kept_count.unsqueeze(-1) + torch.arange(centre_patch.shape[1], device=device)  # (I, C)
-    candidate_row = torch.where(is_candidate, centre_slot_row.unsqueeze(-1), spare_row)  # (I, C, M)
-    flat_index = candidate_row * num_patches + candidates  # (I, C, M) into the (K + 1) * N flattened weights
     candidate_weight = attention.gather(1, candidates.flatten(1)).view_as(candidates) * is_candidate  # (I, C, M)
-    flat_weights = merge_weights.view(num_images, (max_count + 1) * num_patches)  # (I, (K + 1) * N)
-    flat_weights.scatter_add_(1, flat_index.flatten(1), candidate_weight.flatten(1))
 
-    source_row = torch.where(kept | centre, row, spare_row)  # (I, N)
-    source_index = torch.full((num_images, max_count + 1), -1, dtype=torch.long, device=device)
-    patch_index = torch.arange(num_patches, device=device).expand(num_images, num_patches)  # (I, N)
-    source_index.scatter_(1, source_row, patch_index)
+    # Members of each output row: its own patch (weight 1; none for the extra token and padding), then for a
+    # centre row its candidates (weight a_m); the extra token's weights a_m over the non-centre remaining patches.
+    # Centre c's candidates go to row kept + c; slots past an image's centres carry weight 0 (rows past the last
+    # are written to a spare row and dropped).
+    centre_row = (kept_count.unsqueeze(-1) + centre_slot).clamp_(max=max_count).unsqueeze(-1)  # (I, C, 1)
+    centre_row = centre_row.expand(-1, -1, num_candidates)  # (I, C, M)
+    frame = (num_images, max_count + 1, num_candidates)  # (I, K + 1, M), the last row spare
+    row_candidates = candidates.new_zeros(frame).scatter_(1, centre_row, candidates)
+    row_weights = attention.new_zeros(frame).scatter_(1, centre_row, candidate_weight)
+    row_candidates, row_weights = row_candidates[:, :max_count], row_weights[:, :max_count]  # (I, K, M) each
+    own = source_index.clamp(min=0).unsqueeze(-1)  # (I, K, 1)
+    own_weight = (source_index >= 0).unsqueeze(-1).float()  # (I, K, 1)
+    with_extra = absorbed & extra_count.bool().unsqueeze(-1)  # (I, N) patches summed into the extra token
     return TokenPlan(
-        source_index=source_index[:, :max_count], counts=counts, merge_weights=merge_weights[:, :max_count].contiguous()
+        source_index=source_index,
+        counts=counts,
+        member_index=torch.cat([own, row_candidates], dim=-1),  # (I, K, 1 + M)
+        member_weights=torch.cat([own_weight, row_weights], dim=-1),  # (I, K, 1 + M)
+        extra_weights=attention * with_extra,  # (I, N)
+        extra_row=extra_row,
     )

@@ -356,7 +356,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
 
     def _plan_tokens(self, signals, plan, pack, settings) -> torch.Tensor:
         """A kept token is the stock token (projected, then packed); merged tokens: the projector of the merge."""
-        if plan.merge_weights is None and settings.stage != "projected":
+        if plan.is_selection and settings.stage != "projected":
             projected = signals.projected
             if projected is None:
                 projected = self.model.multi_modal_projector(signals.features)  # (P, N, D)

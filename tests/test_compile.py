@@ -62,9 +62,12 @@ def test_the_fixed_budget_step_is_one_graph(name, views):
     plan, eager = compiled_plan(settings, inputs)
     assert torch.equal(plan.source_index, eager.source_index)
     assert torch.equal(plan.counts, eager.counts)
-    assert (plan.merge_weights is None) == (eager.merge_weights is None)
-    if eager.merge_weights is not None:
-        torch.testing.assert_close(plan.merge_weights, eager.merge_weights, rtol=1e-5, atol=1e-6)
+    assert plan.is_selection == eager.is_selection
+    if not eager.is_selection:
+        num_patches = inputs.num_patches
+        torch.testing.assert_close(
+            plan.dense_weights(num_patches), eager.dense_weights(num_patches), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_adaptive_rc_reads_its_count_on_the_host_so_it_is_not_one_graph():
@@ -85,4 +88,4 @@ def test_select_plan_is_the_mask_route_in_fewer_operators():
         reference = plan_from_mask(select_mask(scores, count), count)
         assert torch.equal(plan.source_index, reference.source_index)
         assert torch.equal(plan.counts, reference.counts)
-        assert plan.merge_weights is None
+        assert plan.is_selection

@@ -280,9 +280,10 @@ def test_deterministic(name, settings):
     first, second = plan_for(name, settings, inputs), plan_for(name, settings, inputs)
     assert torch.equal(first.source_index, second.source_index)
     assert torch.equal(first.counts, second.counts)
-    assert (first.merge_weights is None) == (second.merge_weights is None)
-    if first.merge_weights is not None:
-        assert torch.equal(first.merge_weights, second.merge_weights)
+    assert first.is_selection == second.is_selection
+    if not first.is_selection:
+        num_patches = inputs.num_patches
+        assert torch.equal(first.dense_weights(num_patches), second.dense_weights(num_patches))
 
 
 @pytest.mark.parametrize(("name", "settings"), CASES, ids=CASE_IDS)
@@ -388,7 +389,7 @@ def test_prumerge_without_outliers_keeps_the_top_patch():
     assert plan.source_index.tolist() == [[0, -1], [0, -1]]
     alone = plan_for("prumerge", {"extra_token": False, "merge": "average"}, inputs)
     assert alone.counts.tolist() == [1, 1]
-    torch.testing.assert_close(alone.merge_weights.sum(dim=-1), torch.ones(2, 1))
+    torch.testing.assert_close(alone.dense_weights(inputs.num_patches).sum(dim=-1), torch.ones(2, 1))
 
 
 def test_prumerge_plus_lattice_needs_the_grid():
@@ -489,7 +490,7 @@ def test_no_patch_by_patch_table(name, all_settings, num_patches):
 def test_trsm_selects_without_merging_by_default():
     inputs = make_inputs()
     plan = plan_for("trsm", {"budget": 0.25}, inputs)
-    assert plan.merge_weights is None
+    assert plan.is_selection
     merged = plan_for("trsm", {"budget": 0.25, "merge": "nearest"}, inputs)
     assert torch.equal(merged.source_index, plan.source_index)
 

@@ -130,7 +130,7 @@ def assert_matches_reference(inputs: CompressionInputs, config: RCConfig):
         count = int(plan.counts[image])
         assert plan.source_index[image, :count].tolist() == sources
         assert (plan.source_index[image, count:] == -1).all()
-        assert (plan.merge_weights[image, count:] == 0).all()
+        assert (plan.dense_weights()[image, count:] == 0).all()
         torch.testing.assert_close(merged[image, :count].double(), torch.stack(vectors), rtol=1e-5, atol=1e-5)
     return plan
 
@@ -163,7 +163,7 @@ def test_batch_invariance_and_determinism():
     config = RCConfig()
     plan = compress_rc(inputs, config)
     again = compress_rc(inputs, config)
-    assert torch.equal(plan.source_index, again.source_index) and torch.equal(plan.merge_weights, again.merge_weights)
+    assert torch.equal(plan.source_index, again.source_index) and torch.equal(plan.dense_weights(), again.dense_weights())
     for image in range(4):
         single = CompressionInputs(
             features=inputs.features[image : image + 1],
@@ -178,7 +178,7 @@ def test_batch_invariance_and_determinism():
         count = int(plan.counts[image])
         assert alone.counts.tolist() == [count]
         assert torch.equal(alone.source_index[0], plan.source_index[image, :count])
-        assert torch.equal(alone.merge_weights[0], plan.merge_weights[image, :count])
+        assert torch.equal(alone.dense_weights()[0], plan.dense_weights()[image, :count])
 
 
 @pytest.mark.parametrize("budget", [None, 40, 0.3])
@@ -198,7 +198,7 @@ def test_every_patch_is_accounted_for(budget):
             assert budget is None
             assert covered[image].sum() == count
         rows = (sources >= 0).nonzero().squeeze(-1)
-        own = plan.merge_weights[image, rows, sources[rows]]
+        own = plan.dense_weights()[image, rows, sources[rows]]
         assert (own == 1).all()  # kept and centre rows weigh their own patch by 1
 
 
@@ -208,7 +208,7 @@ def test_no_text_path():
     inputs.has_text = torch.zeros(3, dtype=torch.bool)
     without_question = compress_rc(inputs, RCConfig())
     assert torch.equal(vision_only.source_index, without_question.source_index)
-    assert torch.equal(vision_only.merge_weights, without_question.merge_weights)
+    assert torch.equal(vision_only.dense_weights(), without_question.dense_weights())
     inputs.text_scores = None
     assert torch.equal(compress_rc(inputs, RCConfig()).source_index, vision_only.source_index)
 
@@ -220,7 +220,7 @@ def test_fixed_budget_gives_the_exact_count(num_patches):
         plan = compress_rc(inputs, RCConfig(budget=budget))
         expected = resolve_budget(budget, num_patches)
         assert plan.counts.tolist() == [expected, expected], budget
-        assert plan.source_index.shape == (2, expected) and plan.merge_weights.shape == (2, expected, num_patches)
+        assert plan.source_index.shape == (2, expected) and plan.dense_weights().shape == (2, expected, num_patches)
         if expected == num_patches:  # everything kept, nothing merged
             assert torch.equal(plan.source_index, torch.arange(num_patches).expand(2, -1))
 
@@ -228,7 +228,7 @@ def test_fixed_budget_gives_the_exact_count(num_patches):
 def test_bfloat16_inputs():
     inputs = random_inputs(2, 64, seed=11, dtype=torch.bfloat16)
     plan = compress_rc(inputs, RCConfig())
-    assert plan.merge_weights.dtype == torch.float32
+    assert plan.dense_weights().dtype == torch.float32
     assert apply_plan(inputs.features, plan).dtype == torch.bfloat16
     upcast = CompressionInputs(
         features=inputs.features.float(),
@@ -375,7 +375,7 @@ def test_centre_merge_equals_dense_reference(num_images, num_patches, width):
                     plan = compress_rc(inputs, RCConfig(centre_candidates="non_centres", **settings))
                     assert torch.equal(plan.counts, expected.counts), settings
                     assert torch.equal(plan.source_index, expected.source_index), settings
-                    assert torch.equal(plan.merge_weights, expected.merge_weights), settings
+                    assert torch.equal(plan.dense_weights(), expected.dense_weights()), settings
                     compared += 1
     assert compared >= 30
 
@@ -391,11 +391,11 @@ def test_released_candidates_change_only_the_merged_vectors():
     absorbs_centre = False
     for image in range(inputs.num_images):
         sources = released.source_index[image, : int(released.counts[image])]
-        centres = sources[(sources >= 0) & (released.merge_weights[image, : len(sources)].count_nonzero(-1) > 1)]
-        rows = released.merge_weights[image, : len(sources)]
+        centres = sources[(sources >= 0) & (released.dense_weights()[image, : len(sources)].count_nonzero(-1) > 1)]
+        rows = released.dense_weights()[image, : len(sources)]
         absorbs_centre |= bool((rows[:, centres] != 0).sum() > len(centres))  # a centre column outside its own row
     assert absorbs_centre
-    assert not torch.equal(released.merge_weights, ours.merge_weights)
+    assert not torch.equal(released.dense_weights(), ours.dense_weights())
     assert centre_rows.any()
 
 
@@ -432,10 +432,10 @@ def test_text_scale_dim():
     inputs = random_inputs(3, 144, seed=4)
     default = compress_rc(inputs, RCConfig())
     same = compress_rc(inputs, RCConfig(text_scale_dim=inputs.guidance_dim))
-    assert torch.equal(default.merge_weights, same.merge_weights)
+    assert torch.equal(default.dense_weights(), same.dense_weights())
     released_constant = compress_rc(inputs, RCConfig(text_scale_dim=768))
     assert torch.equal(default.source_index, released_constant.source_index)  # LOF and rankings are scale-free
-    assert not torch.equal(default.merge_weights, released_constant.merge_weights)
+    assert not torch.equal(default.dense_weights(), released_constant.dense_weights())
 
 
 def test_fixed_budget_path_compiles_without_graph_break():
@@ -445,4 +445,4 @@ def test_fixed_budget_path_compiles_without_graph_break():
     compiled = torch.compile(lambda batch: compress_rc(batch, config), fullgraph=True, backend="eager")
     plan, expected = compiled(inputs), compress_rc(inputs, config)
     assert torch.equal(plan.source_index, expected.source_index)
-    assert torch.equal(plan.merge_weights, expected.merge_weights)
+    assert torch.equal(plan.dense_weights(), expected.dense_weights())

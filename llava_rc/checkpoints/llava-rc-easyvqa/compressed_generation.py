@@ -221,7 +221,7 @@ class CompressedGenerationMixin:
         A selection plan (no merge weights) of patches already projected (stage "projected", or "llm" guidance) is
         a gather of that projection; merged features must go through the (nonlinear) projector.
         """
-        if settings.stage == "projected" or (plan.merge_weights is None and signals.projected is not None):
+        if settings.stage == "projected" or (plan.is_selection and signals.projected is not None):
             return apply_plan(pack(signals.projected), plan)  # (I_g, K, D)
         return self.model.multi_modal_projector(apply_plan(pack(signals.features), plan))  # (I_g, K, D)
 

@@ -115,17 +115,63 @@ def split_budget(budget: int | float, sizes: list[int]) -> list[int]:
     return [end - start for start, end in zip([0, *ends[:-1]], ends)]
 
 
+# Bytes of float32 transition rows G-Prune holds at once: half for the chunk being built, half for rows kept across
+# steps. The graph is never materialised whole, so memory stays about this budget plus O(N) whatever N is (the dense
+# (N, N) graph and its temporaries took about 565 MB at N = 5,760).
+GRAPH_MEMORY_BYTES = 56 * 2**20
+
+
 def graph_scores(features: torch.Tensor, threshold: float, temperature: float, steps: int) -> torch.Tensor:
-    """(I, N) float32 G-Prune score of each token: (w^T P^steps)_j / degree_j, with w the token norms."""
-    features = features.float()  # (I, N, D)
-    units = torch.nn.functional.normalize(features, dim=-1)  # (I, N, D)
-    similarity = units @ units.transpose(1, 2)  # (I, N, N)
-    self_loops = torch.eye(similarity.shape[-1], dtype=torch.bool, device=similarity.device)  # (N, N)
-    edges = (similarity >= threshold) | self_loops  # (I, N, N)
-    logits = (similarity / temperature).masked_fill(~edges, float("-inf"))
-    transition = logits.softmax(dim=-1)  # (I, N, N), rows sum to 1
-    signal = features.norm(dim=-1).unsqueeze(1)  # (I, 1, N)
-    for _ in range(steps):
-        signal = signal @ transition  # (I, 1, N)
-    degree = edges.sum(dim=1)  # (I, N): edges ending at each node
-    return signal.squeeze(1) / degree
+    """(I, N) float32 G-Prune score of each token: (w^T P^steps)_j / degree_j, with w the token norms.
+
+    The transition matrix P is built in chunks of rows (each row's softmax needs only that row): cosine similarity
+    as one float32 matmul of the chunk against all tokens, scaled by the inverse norms. Each step is a vector-matrix
+    product accumulated over the chunks; chunks are kept for the later steps while they fit in
+    ``GRAPH_MEMORY_BYTES`` and recomputed otherwise (identical numbers: the same matmuls of the same shapes), so the
+    peak memory is bounded for any N and a graph that fits is built by a single pass of matmuls.
+    """
+    num_images, num_tokens, _ = features.shape
+    device = features.device
+    features = features.float()  # (I, N, D); no copy for float32 features
+    norms = torch.linalg.vector_norm(features, dim=-1)  # (I, N)
+    inverse_norms = 1.0 / norms.clamp(min=1e-12)  # (I, N), as ``normalize``'s eps
+    row_bytes = num_images * num_tokens * 4  # one float32 row of P per image
+    # A chunk needs at most four (I, R, N) float32 buffers while it is built (matmul, softmax, edges, slack).
+    chunk_rows = max(1, min(num_tokens, GRAPH_MEMORY_BYTES // 2 // (4 * row_bytes)))
+    starts = range(0, num_tokens, chunk_rows)
+    kept_rows = max(0, GRAPH_MEMORY_BYTES // 2 // row_bytes)  # rows of P kept across steps (half the budget)
+    token_index = torch.arange(num_tokens, device=device)  # (N,)
+
+    def transition_rows(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """((I, R, N) rows start..start + R of P, (I, N) edges of those rows ending at each node)."""
+        rows = slice(start, start + chunk_rows)
+        similarity = features[:, rows] @ features.transpose(1, 2)  # (I, R, N)
+        similarity.mul_(inverse_norms[:, rows].unsqueeze(-1)).mul_(inverse_norms.unsqueeze(1))  # cosine
+        self_loops = token_index[rows].unsqueeze(-1) == token_index  # (R, N)
+        edges = (similarity >= threshold) | self_loops  # (I, R, N)
+        logits = similarity.div_(temperature).masked_fill_(~edges, float("-inf"))  # in place: one buffer
+        return logits.softmax(dim=-1), edges.sum(dim=1)  # rows sum to 1; (I, N)
+
+    signal = norms  # (I, N)
+    if chunk_rows == num_tokens:  # the whole graph fits in one chunk: build it once, then vector-matrix products
+        transition, degree = transition_rows(0)  # (I, N, N), (I, N)
+        signal = signal.unsqueeze(1)  # (I, 1, N)
+        for _ in range(steps):
+            signal = signal @ transition  # (I, 1, N)
+        return signal.squeeze(1) / degree
+    degree = torch.zeros(num_images, num_tokens, dtype=torch.long, device=device)  # (I, N): edges ending at a node
+    cache: dict[int, torch.Tensor] = {}
+    for step in range(steps):
+        propagated = torch.zeros_like(signal)  # (I, N)
+        for start in starts:
+            transition = cache.get(start)
+            if transition is None:
+                transition, edges_in = transition_rows(start)
+                if step == 0:
+                    degree += edges_in
+                    if start + transition.shape[1] <= kept_rows:
+                        cache[start] = transition
+            chunk_signal = signal[:, start : start + transition.shape[1]].unsqueeze(1)  # (I, 1, R)
+            propagated += (chunk_signal @ transition).squeeze(1)  # (I, N)
+        signal = propagated
+    return signal / degree
