@@ -106,3 +106,17 @@ step e_gpu_tests 40 bash -c "set -o pipefail; '$python' -m pytest -q -rs -m gpu 
     | tee '$out/e_gpu_tests.txt'"
 step b_step_compile 100 "$python" benchmarks/step_compile.py --geometry "$g15" --device "$device" --dtype "$dtype" \
     "${compile_args[@]}" --repeats "$repeats" --output "$out/b_step_compile.json"
+
+# ---- vLLM serving (issue 26; benchmarks/vllm_serving.py, docs/serving.md) ---------------------------------------
+# f_vllm_serving.json: throughput and TTFT of stock vs compressed LLaVA-1.5-7B geometry (random weights) served by
+# vLLM with the llava-rc plugin, 16 concurrent requests per round, variants alternating; the plugin's encoder
+# overhead. Runs only when VLLM_PYTHON names a Python with vLLM 0.32 and this package installed (the official
+# `vllm` wheel pins its own torch, so it lives in its own environment); last, so it only uses what the budget leaves.
+if [[ -n "${VLLM_PYTHON:-}" ]]; then
+    if [[ "$device" == cuda ]]; then vllm_args=(--geometry llava-1.5-7b --dtype float16 --rounds 3)
+    else vllm_args=(--geometry cpu-small --dtype float32 --rounds 1); fi
+    step f_vllm_serving 150 "$VLLM_PYTHON" benchmarks/vllm_serving.py "${vllm_args[@]}" --requests 16 \
+        --output "$out/f_vllm_serving.json"
+else
+    echo "== f_vllm_serving not run: set VLLM_PYTHON to a Python with vLLM 0.32 and llava-rc" | tee -a "$log"
+fi
