@@ -36,6 +36,10 @@ LEGACY_COMMANDS = {
     "latency_next_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/latency.py --geometry cpu-next-small --repeats 3 "
     "--update-readme",
     "rc_step_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/rc_step.py --batch-sizes 1 4 --repeats 3 --update-readme",
+    "gprune_scaling_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/gprune_scaling.py --with-previous --sizes 576 1152 "
+    "2880 5760 --batch-sizes 1 --repeats 3",
+    # runs in the vLLM virtual environment (see the vLLM plugin's docs), not the project's
+    "vllm_serving_cpu.json": "python benchmarks/vllm_serving.py --output benchmarks/results/vllm_serving_cpu.json",
 }
 
 
