@@ -24,7 +24,7 @@ import torch
 import transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from bench_common import ROOT, write_readme_section  # benchmarks/bench_common.py
+from bench_common import ROOT, checkpoint_sources, measured_at, write_readme_section, write_result  # benchmarks/bench_common.py
 from llava_rc import METHODS, easyvqa
 
 CHECKPOINT = ROOT / "llava_rc" / "checkpoints" / "llava-rc-easyvqa"
@@ -316,7 +316,8 @@ def generated_sections(result: dict) -> dict[str, list[str]]:
         f"{result['questions']['easy_vqa_test']} easy-VQA test and {result['questions']['mosaic_test']} mosaic test "
         f"questions, {result['num_patches']} patch tokens per image; tokens are the mean kept per image on easy-VQA / "
         f"mosaics; accuracy with its 95% Wilson interval; torch {result['torch']}, transformers "
-        f"{result['transformers']} (`benchmarks/results/accuracy.json`)."
+        f"{result['transformers']} (`benchmarks/results/accuracy.json`). "
+        + measured_at(result)
     )
     naming = (
         "Each row is named by the settings passed to the model (`method`, then `key=value`; a float budget is a "
@@ -341,8 +342,13 @@ def generated_sections(result: dict) -> dict[str, list[str]]:
     return {
         "accuracy": [*header, *summary, "", f"{best_other_note} {naming} {source}", "", *paired],
         "accuracy-table": [*header, *every_row, "", f"{naming} {source}", "", *paired],
-        "accuracy-goals": goal_lines,
+        "accuracy-goals": [*goal_lines, "", measured_at(result)],
     }
+
+
+def committed_sections() -> dict[str, list[str]]:
+    """The tables made from the committed ``benchmarks/results/accuracy.json``."""
+    return generated_sections(json.loads((ROOT / "benchmarks" / "results" / "accuracy.json").read_text()))
 
 
 def update_readme(result: dict) -> None:
@@ -426,7 +432,7 @@ def main() -> None:
         (args.output_dir / "accuracy_subset.json").write_text(json.dumps(result, indent=2) + "\n")
         return
     result["goals"] = goals(rows, num_patches)
-    (args.output_dir / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = write_result(args.output_dir / "accuracy.json", result, extra_sources=checkpoint_sources(args.checkpoint))
     plot(result, args.output_dir / "accuracy.png")
     for name, check in result["goals"].items():
         print(("met     " if check["met"] else "MISSED  ") + name)

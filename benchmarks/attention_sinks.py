@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_common import write_result  # noqa: E402  (benchmarks/bench_common.py)
 from llava_rc.vision_importance import received_attention  # noqa: E402
 
 WIDTH, HEADS, CROPS = 64, 4, 32
@@ -105,8 +106,7 @@ def main() -> None:
                      "python": platform.python_version()},
         "hardware": platform.processor() or platform.machine(),
     }
-    path = ROOT / "benchmarks" / "results" / "attention_sinks.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    result = write_result(ROOT / "benchmarks" / "results" / "attention_sinks.json", result)
     print(json.dumps(result, indent=2))
 
 

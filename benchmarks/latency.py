@@ -40,7 +40,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import roofline  # benchmarks/roofline.py, beside this script
-from bench_common import now, synchronize, timed, use_cpu_time, write_readme_section  # benchmarks/bench_common.py
+from bench_common import (  # benchmarks/bench_common.py
+    RESULTS, measured_at, now, synchronize, timed, use_cpu_time, write_readme_section, write_result
+)
 import torch
 import transformers
 from transformers import (
@@ -710,8 +712,7 @@ def main() -> None:
     }
     prefix = "latency_next" if spec.family == "llava_next" else "latency"
     out_path = Path(args.output) if args.output else ROOT / "benchmarks" / "results" / f"{prefix}_{device.type}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    result = write_result(out_path, result)
     log(f"wrote {out_path}")
     print(json.dumps(result["summary"], indent=2))
     if args.update_readme:
@@ -902,7 +903,8 @@ def readme_table(result: dict) -> list[str]:
             f"transformers {result['transformers']}. Ceilings measured in the run: "
             f"{result['ceilings']['flops_per_second'] / 1e12:.2f} TFLOP/s matmul, "
             f"{result['ceilings']['bytes_per_second'] / 1e9:.1f} GB/s copy; memory budget {budget_gib:.1f} GiB "
-            f"(`benchmarks/results/latency_*.json`). Each cell: measured ratio stock / RC, roofline ratio, efficiency."
+            f"(`benchmarks/results/latency_*.json`). Each cell: measured ratio stock / RC, roofline ratio, efficiency. "
+            + measured_at(result)
         ),
         "",
         "| scenario | " + " | ".join(
@@ -947,16 +949,32 @@ def readme_table(result: dict) -> list[str]:
     return lines
 
 
-def update_readme() -> None:
-    """Regenerate the README table between the latency markers from every full ``latency_*.json`` result
-    (``--ttft-only`` runs have no decode or memory rows and are skipped)."""
+def committed_sections() -> dict[str, list[str]]:
+    """The docs tables made from every full ``latency_*.json`` result (``--ttft-only`` runs have no decode or memory
+    rows and are skipped; OneVision's results are latency_onevision.py's)."""
     lines = []
-    for path in sorted((ROOT / "benchmarks" / "results").glob("latency_*.json")):
+    for path in sorted(RESULTS.glob("latency_*.json")):
         result = json.loads(path.read_text())
-        if "batch16" not in result["settings"]["runs"]:  # a --ttft-only run: no decode or memory rows
+        if result.get("benchmark") != "latency" or "batch16" not in result["settings"]["runs"]:
             continue
-        lines += readme_table(result) + [""]
-    write_readme_section("latency", lines)
+        lines += (readme_table(result) if "provenance" in result else withdrawn(path.name, result)) + [""]
+    return {"latency": lines}
+
+
+def withdrawn(name: str, result: dict) -> list[str]:
+    """What a table shows for a result written before provenance was recorded: it describes older code, so its
+    figures are not shown."""
+    return [
+        f"`benchmarks/results/{name}` ({result.get('geometry', 'LLaVA-1.5 geometry')}) was measured before provenance "
+        "was recorded, with older code: its figures are withdrawn until `python benchmarks/regenerate.py` measures it "
+        "again."
+    ]
+
+
+def update_readme() -> None:
+    """Regenerate the docs tables between the latency markers from the JSON results."""
+    for marker, lines in committed_sections().items():
+        write_readme_section(marker, lines)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 
 import roofline  # benchmarks/roofline.py, beside this script
+from bench_common import RESULTS, measured_at, write_readme_section, write_result  # benchmarks/bench_common.py
 import torch
 import transformers
 from latency import alternate, log, measure_ceilings, median_of, random_init_, run_generate  # benchmarks/latency.py
@@ -210,7 +211,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens-only", action="store_true", help="token counts and FLOPs only (no weights built)")
     parser.add_argument("--output", default=None)
+    parser.add_argument(
+        "--update-readme", action="store_true", help="regenerate the docs/llava-onevision.md tables from the results"
+    )
+    parser.add_argument("--readme-only", action="store_true", help="only regenerate those tables from the saved JSON")
     args = parser.parse_args()
+    if args.readme_only:
+        update_readme()
+        return
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -270,8 +278,55 @@ def main() -> None:
     out_path = Path(args.output) if args.output else (
         ROOT / "benchmarks" / "results" / f"latency_onevision_{args.geometry}_{device.type}.json"
     )
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    result = write_result(out_path, result)
     print(json.dumps(result, indent=2))
+    if args.update_readme:
+        update_readme()
+
+
+TOKENS_RESULT = "latency_onevision_7b_tokens.json"
+TTFT_RESULT = "latency_onevision_cpu-onevision-small_cpu.json"
+
+
+def committed_sections() -> dict[str, list[str]]:
+    """docs/llava-onevision.md's tables: tokens per image at OneVision-7B geometry and TTFT at the CPU geometry."""
+    tokens = json.loads((RESULTS / TOKENS_RESULT).read_text())
+    lines = [
+        f"Tokens per image at {tokens['geometry']} geometry, no compression (`benchmarks/results/{TOKENS_RESULT}`). "
+        + measured_at(tokens),
+        "",
+        "| image (h x w) | crops | grid rows x cols | newlines | image tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for image in sorted(tokens["tokens_per_image"], key=lambda entry: entry["image_hw"][0] * entry["image_hw"][1]):
+        grid = f"{image['grid'][0]} x {image['grid'][1]}" + (" (downsampled)" if image["downsampled"] else "")
+        lines.append(
+            f"| {image['image_hw'][0]} x {image['image_hw'][1]} | {image['crops']} | {grid} | {image['newlines']} | "
+            f"{image['tokens']} |"
+        )
+    ttft = json.loads((RESULTS / TTFT_RESULT).read_text())
+    lines += [
+        "",
+        f"TTFT at batch 1, {ttft['geometry_description']}; {ttft['device']}, {ttft['dtype']}, 1 thread, median of "
+        f"{ttft['repeats']} (`benchmarks/results/{TTFT_RESULT}`). " + measured_at(ttft),
+        "",
+        "| variant | settings | image tokens kept | TTFT stock / this | roofline ratio | efficiency |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in ttft["ttft_batch1"].items():
+        if ttft["variants"][name] is None:
+            continue
+        settings = ", ".join(f"{key} {value}" for key, value in ttft["variants"][name].items())
+        lines.append(
+            f"| {name} | {settings} | {row['kept_image_tokens']:.0f} | {row['ttft_ratio']:.2f}x | "
+            f"{row['roofline_ttft_ratio']:.2f}x | {row['efficiency']:.2f} |"
+        )
+    return {"onevision": lines}
+
+
+def update_readme() -> None:
+    for marker, lines in committed_sections().items():
+        write_readme_section(marker, lines)
 
 
 if __name__ == "__main__":

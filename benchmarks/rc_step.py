@@ -9,15 +9,16 @@ At LLaVA-1.5 geometry (CLIP ViT-L/14-336: 24 layers, 1024 wide, 577 tokens; rand
 Runs alternate, after a warm-up; medians are reported, and ratios come from the same run. Writes JSON (versions,
 hardware, settings) to ``benchmarks/results/`` and, with ``--update-readme``, the README table between markers.
 
-    python benchmarks/rc_step.py --batch-sizes 1 2 --repeats 3 --update-readme
+    OMP_NUM_THREADS=1 python benchmarks/rc_step.py --batch-sizes 1 4 --repeats 3 --update-readme
 
 ``--scaling LABEL`` instead measures how ``compress_rc`` + ``apply_plan`` grow with the patch count N (one image of
 N patches, as RC runs on a LLaVA-NeXT image's crops together) at ViT-L/14-336 width (C = A = 1024, 16 heads): time
 (median), peak memory allocated by torch during one call (torch profiler memory events), the number of operators
 dispatched, and the share of the vision tower over the same tokens (N / 576 crops per image; the tower is timed on
 one crop and scaled by the crop count, which is exact up to noise: crops are independent forwards). Each label's
-rows are stored in ``benchmarks/results/rc_step_scaling_cpu.json`` beside the other labels (e.g. "before" and
-"after"), so the comparison comes from one machine:
+rows are stored in ``benchmarks/results/rc_step_scaling_cpu.json`` beside the other labels measured on the same
+sources (e.g. "adaptive" and "budget320"); comparisons across code versions ("before" / "after", one machine) are
+kept in ``benchmarks/results/history/``:
 
     OMP_NUM_THREADS=1 python benchmarks/rc_step.py --scaling after --batch-sizes 1 8 --sizes 576 1152 2880 5760
 
@@ -41,7 +42,9 @@ import transformers
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import bench_common
-from bench_common import timed, use_cpu_time, write_readme_section  # benchmarks/bench_common.py
+from bench_common import (  # benchmarks/bench_common.py
+    HISTORY, RESULTS, measured_at, provenance, timed, use_cpu_time, write_readme_section, write_result
+)
 from llava_rc.compression_common import CompressionInputs, apply_plan, cls_attention
 from llava_rc.compression_rc import RCConfig, compress_rc
 
@@ -243,9 +246,14 @@ def scaling(args) -> None:
 
 
 def write_scaling_run(label: str, crop_seconds: float, rows: list[dict]) -> None:
-    """Store (or replace) the run ``label`` in ``benchmarks/results/rc_step_scaling_cpu.json``."""
-    path = ROOT / "benchmarks" / "results" / "rc_step_scaling_cpu.json"
+    """Store (or replace) the run ``label`` in ``benchmarks/results/rc_step_scaling_cpu.json``, beside the stored
+    runs of the same sources (runs of earlier code are dropped: compare across versions in results/history/)."""
+    path = RESULTS / "rc_step_scaling_cpu.json"
     result = json.loads(path.read_text()) if path.exists() else {"benchmark": "rc_step_scaling", "runs": {}}
+    fingerprint = provenance()["fingerprint"]
+    if result.get("provenance", {}).get("fingerprint") != fingerprint:
+        result["runs"] = {}
+    result.pop("provenance", None)
     result["runs"][label] = {
         "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
@@ -257,7 +265,7 @@ def write_scaling_run(label: str, crop_seconds: float, rows: list[dict]) -> None
         "rows": rows,
         "growth_exponents": growth_exponents(rows),
     }
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(path, result)
 
 
 def growth_exponents(rows: list[dict]) -> dict:
@@ -277,8 +285,9 @@ def growth_exponents(rows: list[dict]) -> dict:
 
 
 def scaling_table(before: str = "before", after: str = "after") -> str:
-    """Markdown table of two stored scaling runs side by side (for benchmarks/NOTES.md)."""
-    runs = json.loads((ROOT / "benchmarks" / "results" / "rc_step_scaling_cpu.json").read_text())["runs"]
+    """Markdown table of two stored scaling runs of different code side by side (for benchmarks/NOTES.md's history:
+    results/history/rc_step_scaling_cpu.json)."""
+    runs = json.loads((HISTORY / "rc_step_scaling_cpu.json").read_text())["runs"]
     rows = {(row["settings"], row["batch_size"], row["num_patches"]): row for row in runs[after]["rows"]}
     old = {(row["settings"], row["batch_size"], row["num_patches"]): row for row in runs[before]["rows"]}
     lines = [
@@ -319,6 +328,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or float16 (GPU default)")
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--readme-only", action="store_true", help="only regenerate the docs table from the saved JSON")
     parser.add_argument("--scaling", metavar="LABEL", help="measure growth in N instead; store the run as LABEL")
     parser.add_argument("--sizes", type=int, nargs="+", default=[576, 1152, 2880, 5760], help="N for --scaling")
     parser.add_argument("--budget", type=budget_argument, nargs="+", default=None,
@@ -332,6 +342,9 @@ def main() -> None:
     parser.add_argument("--no-released", action="store_true", help="skip the released structure (needs sklearn)")
     parser.add_argument("--scaling-table", action="store_true", help="print the before/after table and exit")
     args = parser.parse_args()
+    if args.readme_only:
+        update_readme(json.loads((RESULTS / "rc_step_cpu.json").read_text()))
+        return
     if args.scaling_table:
         print(scaling_table())
         return
@@ -392,20 +405,33 @@ def main() -> None:
         "released_structure": "timed" if with_released else "not timed (no scikit-learn, or --no-released)",
         "rows": rows,
     }
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"rc_step_{device.type}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / f"rc_step_{device.type}.json"
+    result = write_result(path, result)
     print(f"wrote {path}")
     if args.update_readme:
         update_readme(result)
 
 
+def committed_sections() -> dict[str, list[str]]:
+    """The docs table made from the committed CPU result."""
+    return {"rc_step": rc_step_table(json.loads((RESULTS / "rc_step_cpu.json").read_text()))}
+
+
 def update_readme(result: dict) -> None:
-    """Regenerate the README table between the rc_step markers from a result."""
+    """Regenerate the docs table between the rc_step markers from a result."""
+    write_readme_section("rc_step", rc_step_table(result))
+
+
+def rc_step_table(result: dict) -> list[str]:
+    if "provenance" not in result:  # older code: the figures are not shown
+        return [
+            "`benchmarks/results/rc_step_cpu.json` was measured before provenance was recorded, with older code: its "
+            "figures are withdrawn until `python benchmarks/regenerate.py` measures it again."
+        ]
     lines = [
-        f"RC step at LLaVA-1.5 geometry on {result['device']}, {result['dtype']}, torch {result['torch']}, "
-        f"transformers {result['transformers']} (`benchmarks/results/rc_step_*.json`):",
+        f"RC step at LLaVA-1.5 geometry on {result['device']}, {result['dtype']}, {result['repeats']} repeats, "
+        f"torch {result['torch']}, transformers {result['transformers']} (`benchmarks/results/rc_step_cpu.json`). "
+        + measured_at(result),
         "",
         "| batch | vision tower (ms) | RC step (ms) | RC step / vision | released structure (ms) | released / ours |",
         "|---|---|---|---|---|---|",
@@ -418,7 +444,7 @@ def update_readme(result: dict) -> None:
             f"| {row['batch_size']} | {seconds['vision'] * 1000:.0f} | {seconds['rc_step'] * 1000:.1f} | "
             f"{row['rc_step_share_of_vision']:.1%} | {seconds['released'] * 1000:.0f} | {row['released_over_rc_step']:.1f}x |"
         )
-    write_readme_section("rc_step", lines)
+    return lines
 
 
 if __name__ == "__main__":

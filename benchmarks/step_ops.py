@@ -24,6 +24,7 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 
 import latency  # benchmarks/latency.py, beside this script
+from bench_common import write_result  # benchmarks/bench_common.py
 from llava_rc.compression_common import CompressionInputs, cls_attention
 from llava_rc.compression_registry import method_function
 
@@ -160,8 +161,7 @@ def main() -> None:
         "geometries": {name: count(name, tables.get(name, METHODS_15)) for name in args.geometries},
     }
     path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(path, result)
     latency.log(f"wrote {path}")
 
 

@@ -454,13 +454,17 @@ Override per call with `model.generate(..., compression={{"method": "none"}})`.
 ## Usage
 
 ```python
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 repo = "{repo_name}"
-model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
+model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, dtype="auto")
 processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
 
-inputs = processor(images=image, text="USER: <image>\\nWhat is shown? ASSISTANT:", return_tensors="pt")
+image = Image.new("RGB", (640, 480), "royalblue")  # your picture: Image.open("photo.jpg")
+conversation = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown?"}}]}}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)  # the base model's prompt format
+inputs = processor(images=image, text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=30)
 print(processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```

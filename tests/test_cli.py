@@ -49,22 +49,89 @@ def test_every_option_has_a_help_text(parser):
 
 
 def test_demo_writes_a_self_explaining_picture_and_prints_no_timings(tmp_path, capsys):
+    """One scene with an expected answer and one without (a samples file of one's own): the table names each
+    question's scene and shows '-' for a missing answer; the pictures frame every counted token's patch or say why not."""
     samples = tmp_path / "samples"
     samples.mkdir()
-    scene = json.loads((demo.SAMPLES / "samples.json").read_text())[0]
-    shutil.copy(demo.SAMPLES / scene["image"], samples / scene["image"])
+    scenes = json.loads((demo.SAMPLES / "samples.json").read_text())
+    scene, mosaic = scenes[0], next(entry for entry in scenes if "mosaic" in entry["image"])
+    for entry in (scene, mosaic):
+        shutil.copy(demo.SAMPLES / entry["image"], samples / entry["image"])
     question = scene["questions"][0]
-    (samples / "samples.json").write_text(json.dumps([{"image": scene["image"], "questions": [question]}]))
+    unanswered = {"question": mosaic["questions"][0]["question"]}  # no "answer" key
+    (samples / "samples.json").write_text(json.dumps([
+        {"image": scene["image"], "questions": [question]}, {"image": mosaic["image"], "questions": [unanswered]},
+    ]))
     demo.main(["--samples", str(samples), "--output-dir", str(tmp_path / "out")])
     printed = capsys.readouterr().out
-    row = next(line for line in printed.splitlines() if line.startswith(question["question"]))
+    row = next(line for line in printed.splitlines() if question["question"] in line)
+    assert row.split()[0] == scene["image"]
     assert row.split()[-3:-1] == [question["answer"]] * 2  # all tokens and compressed both right
+    row = next(line for line in printed.splitlines() if unanswered["question"] in line)
+    assert row.split()[0] == mosaic["image"] and row.split()[-4] == "-"
+    assert "1/1 right with all tokens" in printed
     assert "ms" not in printed.split()
     picture = Image.open(tmp_path / "out" / scene["image"]).convert("RGB")
     assert picture.width == demo.MARGIN + 2 * (demo.PANEL + demo.MARGIN)  # the scene and one question
     colours = {colour for _, colour in picture.getcolors(picture.width * picture.height)}
     assert demo.KEPT[:3] in colours  # kept frames (and the legend's swatch) are drawn opaque
     assert demo.RECOVERED[:3] in colours
+    assert demo.CENTRE[:3] in colours
+    assert (tmp_path / "out" / mosaic["image"]).exists()
+
+
+def test_demo_answers_questions_about_ones_own_picture(tmp_path, capsys):
+    """--image (any size and format; the model sees its centre square) with repeated --question."""
+    wide = Image.new("RGB", (128, 64), "white")
+    wide.paste(Image.open(demo.SAMPLES / "test-mosaic-0-1.png").convert("RGB").resize((64, 64)), (32, 0))
+    wide.save(tmp_path / "mine.jpg")
+    questions = ["what shape is present?", "is there a circle?"]
+    argv = ["--image", str(tmp_path / "mine.jpg"), "--output-dir", str(tmp_path / "out")]
+    demo.main(argv + [item for question in questions for item in ("--question", question)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mine.jpg")]
+    assert [row.split()[-4] for row in rows] == ["-", "-"] and len(rows) == len(questions)
+    picture = Image.open(tmp_path / "out" / "mine.png")
+    assert picture.format == "PNG" and picture.width == demo.MARGIN + 3 * (demo.PANEL + demo.MARGIN)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--question", "what?"], "--question needs --image"),
+        (["--image", "missing.png", "--question", "what?"], "is not a file"),
+        (["--image", "llava_rc/samples/test-390.png"], "--image needs at least one --question"),
+    ],
+)
+def test_demo_rejects_incomplete_image_arguments(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit):
+        demo.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_demo_picture_accounts_for_every_kept_token():
+    """Framed patches (kept, recovered) + merge centres + extra tokens (not drawable) == the kept count, and the
+    roles are disjoint."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(demo.CHECKPOINT, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(demo.CHECKPOINT, trust_remote_code=True)
+    image = Image.open(demo.SAMPLES / "test-mosaic-0-1.png")
+    inputs = processor(images=image, text=demo.PROMPT.format(question="what shape is present?"), return_tensors="pt")
+    settings = dict(max_new_tokens=1, return_dict_in_generate=True)
+    on = model.generate(**inputs, **settings).compression
+    vision = model.generate(**inputs, compression={"guidance": None}, **settings).compression
+    roles = demo.patch_roles(on, vision)
+    extra = demo.extra_tokens(on)
+    assert extra == 1 and roles["centre"], "RC on a mosaic merges into centres and adds its extra token"
+    drawn = len(roles["kept"]) + len(roles["recovered"]) + len(roles["centre"])
+    assert drawn + extra == int(on.kept_counts[0])
+    names = list(roles)
+    for index, first in enumerate(names):
+        for second in names[index + 1 :]:
+            assert not roles[first] & roles[second], (first, second)
+    breakdown = demo.token_breakdown(roles, extra)
+    assert breakdown == f"{len(roles['kept']) + len(roles['recovered'])} framed + {len(roles['centre'])} centres + 1 extra"
 
 
 @pytest.mark.slow

@@ -48,7 +48,12 @@ def test_every_registered_method_is_compiled():
 
 
 @pytest.mark.parametrize("views", ["single", "multi"])
-@pytest.mark.parametrize("name", sorted(FIXED))
+@pytest.mark.parametrize(
+    "name",
+    # RC's compile takes about a minute per case: the full run only; the quick run compiles RC's fixed-budget step in
+    # tests/test_compression_rc.py::test_fixed_budget_path_compiles_without_graph_break.
+    [pytest.param(name, marks=pytest.mark.slow) if name == "rc" else name for name in sorted(FIXED)],
+)
 def test_the_fixed_budget_step_is_one_graph(name, views):
     settings = FIXED[name]
     if views == "multi" and settings["method"] == "prumerge_plus":

@@ -64,7 +64,7 @@ def dynamic_ratio(values: torch.Tensor, n_neighbors: int) -> Fraction:
 def reference_rc(inputs: CompressionInputs, config: RCConfig) -> list[tuple[list[int], list[torch.Tensor]]]:
     """The adaptive algorithm step by step, one image and one centre at a time: (sources, output vectors).
 
-    Transcribed from the released algorithm's description (module docstring, /work/shared/METHODS.md): with
+    Transcribed from the released algorithm's description (module docstring and docs/rc.md): with
     ``centre_candidates="released"`` a centre picks from every other remaining patch, other centres included.
     """
     attention_all = cls_attention(inputs, per_head=False)
@@ -352,7 +352,15 @@ def dense_compress_rc(inputs: CompressionInputs, config: RCConfig) -> TokenPlan:
     )
 
 
-@pytest.mark.parametrize("num_images, num_patches, width", [(1, 576, 16), (8, 576, 8), (2, 1152, 8), (3, 100, 32)])
+@pytest.mark.parametrize(
+    "num_images, num_patches, width",
+    [
+        (1, 576, 16),
+        pytest.param(8, 576, 8, marks=pytest.mark.slow),  # batch and N beyond the quick cases: the full run only
+        pytest.param(2, 1152, 8, marks=pytest.mark.slow),
+        (3, 100, 32),
+    ],
+)
 def test_centre_merge_equals_dense_reference(num_images, num_patches, width):
     """The merge from centre x patch similarities gives bit-identical plans to the (I, N, N) version."""
     compared = 0

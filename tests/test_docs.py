@@ -9,24 +9,31 @@ on the line right above a block changes that:
 - ``<!-- not-run: REASON -->``: the block is not run (it needs downloads); the reason is required.
 - ``<!-- requires: pkg, pkg -->``: the block runs only where those packages are importable (optional extras such as
   peft and trl, which the package does not install); elsewhere it is skipped.
+- ``<!-- repo: NAME -->``: ``REPO`` is replaced by the tiny random repo ``NAME`` of ``TINY_REPOS`` instead (a model
+  family the shipped checkpoint does not cover), saved with its processor and remote code like a converted repo,
+  and the block runs as a Hub user runs it: in a fresh process where ``llava_rc`` cannot be imported, offline, with
+  no terminal to answer transformers' remote-code prompt.
 """
 
 import ast
 import dataclasses
 import importlib.util
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from llava_rc import METHODS
+from llava_rc.hub_upload import BLOCK_LLAVA_RC
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "llava_rc" / "checkpoints" / "llava-rc-easyvqa"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 REPO_LINE = re.compile(r'^REPO = ".*"', re.MULTILINE)
-DIRECTIVE = re.compile(r"^<!-- (not-run|requires): *(.*?) *-->$")
+DIRECTIVE = re.compile(r"^<!-- (not-run|requires|repo): *(.*?) *-->$")
 # Pages linked from the docs that another change adds; a missing one is reported as a skip, not a failure.
 WRITTEN_ELSEWHERE: dict = {}  # pages another change writes, linked before they exist (none now)
 
@@ -36,8 +43,8 @@ class Block:
     page: Path
     line: int  # 1-based line of the first code line
     source: str
-    directive: str | None  # "not-run", "requires" or None
-    argument: str  # the reason, or the required packages
+    directive: str | None  # "not-run", "requires", "repo" or None
+    argument: str  # the reason, the required packages, or the tiny repo's name
 
     @property
     def name(self) -> str:
@@ -69,6 +76,32 @@ def python_blocks(page: Path) -> list[Block]:
 ALL_BLOCKS = [block for page in PAGES for block in python_blocks(page)]
 
 
+def save_tiny_llava_next(directory: Path) -> None:
+    from tiny_next import tiny_next_model, tiny_next_processor
+
+    tiny_next_model({"method": "rc"}).save_pretrained(directory)
+    tiny_next_processor().save_pretrained(directory)
+
+
+TINY_REPOS = {"tiny-llava-next": save_tiny_llava_next}
+
+
+@pytest.fixture(scope="module")
+def tiny_repos(tmp_path_factory):
+    """Each tiny repo a block names, saved on first use."""
+    saved = {}
+
+    def repo(name: str) -> Path:
+        if name not in TINY_REPOS:
+            raise KeyError(f"<!-- repo: {name} -->: no such tiny repo; expected one of {sorted(TINY_REPOS)}")
+        if name not in saved:
+            saved[name] = tmp_path_factory.mktemp(name)
+            TINY_REPOS[name](saved[name])
+        return saved[name]
+
+    return repo
+
+
 def test_blocks_are_found():
     """The extraction itself: blocks on every reference page, and few that do not run."""
     pages_with_blocks = {block.page.name for block in ALL_BLOCKS}
@@ -80,18 +113,46 @@ def test_blocks_are_found():
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS, ids=[block.name for block in ALL_BLOCKS])
-def test_python_block_runs(block: Block, monkeypatch):
+def test_python_block_runs(block: Block, monkeypatch, tiny_repos):
     if block.directive == "not-run":
         pytest.skip(f"not run: {block.argument}")
     if block.directive == "requires":
         missing = [name for name in re.split(r"[,\s]+", block.argument) if name and not importlib.util.find_spec(name)]
         if missing:
             pytest.skip(f"needs {', '.join(missing)} (not installed)")
-    source = REPO_LINE.sub(f"REPO = {str(CHECKPOINT)!r}", block.source)
+    repo = tiny_repos(block.argument) if block.directive == "repo" else CHECKPOINT
+    source = REPO_LINE.sub(f"REPO = {str(repo)!r}", block.source)
+    if block.directive == "repo":
+        run_as_hub_user(block, source, repo.parent)
+        return
     monkeypatch.chdir(ROOT)
     # Pad so that a traceback's line numbers are the page's.
     code = compile("\n" * (block.line - 1) + source, str(block.page), "exec")
     exec(code, {"__name__": "__docs__"})
+
+
+def run_as_hub_user(block: Block, source: str, scratch: Path) -> None:
+    """Run ``source`` in a fresh interpreter from the repository root, without ``llava_rc`` and without stdin."""
+    script = scratch / f"block_{block.line}.py"
+    script.write_text(BLOCK_LLAVA_RC + "\n" * (block.line - 1 - BLOCK_LLAVA_RC.count("\n")) + source)
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(scratch / "hf_modules"))
+    result = subprocess.run(
+        [sys.executable, "-P", str(script)], cwd=ROOT, env=environment, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, f"{block.name} failed in a fresh process:\n{result.stderr[-4000:]}"
+    # Without a terminal transformers' prompt reads an empty answer and loading goes on; a user's terminal waits.
+    prompt = "Do you wish to run the custom code?"
+    assert prompt not in result.stdout + result.stderr, f"{block.name} stops at transformers' prompt {prompt!r}"
+
+
+def test_blocks_that_load_a_repo_trust_its_remote_code():
+    """A repo converted by llava-rc-upload names remote code in its config: every Auto* class loading it needs
+    ``trust_remote_code=True``, or transformers stops at an interactive prompt (or raises without a terminal)."""
+    for block in ALL_BLOCKS:
+        for call in re.findall(r"Auto\w+\.from_pretrained\(\s*REPO[^)]*\)", block.source):
+            assert "trust_remote_code=True" in call, f"{block.name}: {call} lacks trust_remote_code=True"
 
 
 def method_sections(text: str) -> dict[str, str]:
@@ -169,3 +230,10 @@ def test_relative_links_resolve():
                 assert anchor in anchors(linked), f"{page.name}: link to a missing heading {target}"
     if pending:
         pytest.skip("; ".join(sorted(set(pending))))
+
+
+def test_docs_stand_alone():
+    """The pages cite papers and releases, never notes outside the repository (a ``shared/`` folder beside it)."""
+    for page in [*PAGES, ROOT / "benchmarks" / "NOTES.md"]:
+        for number, line in enumerate(page.read_text().splitlines(), start=1):
+            assert "shared/" not in line, f"{page.relative_to(ROOT)}:{number} cites a file outside the repository: {line}"

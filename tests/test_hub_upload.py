@@ -4,6 +4,7 @@ No network exists here: pushing is tested by replacing ``huggingface_hub.HfApi``
 with a recording fake, and credentials by replacing ``huggingface_hub.get_token``.
 """
 
+import ast
 import json
 import textwrap
 from pathlib import Path
@@ -442,3 +443,19 @@ def test_guidance_statement_with_clip():
     assert hub_upload.guidance_statement(parse_compression({"method": "trsm"}).to_dict(), "c").startswith(
         "text guidance: 'clip'"
     )
+
+
+@pytest.mark.slow
+def test_model_card_usage_snippet_runs_as_written(converted):
+    """The card's Python block runs unchanged in a fresh process (``repo`` is the folder's name, so it runs from the
+    folder above), formats its prompt with the processor's chat template, and prints the answer."""
+    directory = converted["new"][0]
+    card = (directory / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert f'repo = "{directory.name}"' in snippet
+    assert "apply_chat_template" in snippet and "USER:" not in snippet
+    result = run_without_llava_rc(snippet, [], directory.parent, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    answer = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert isinstance(answer, list) and len(answer) == 1 and isinstance(answer[0], str), result.stdout
+    assert "not formatted as a chat" not in result.stderr

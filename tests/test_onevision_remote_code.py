@@ -89,6 +89,7 @@ def repos(tmp_path_factory):
     }
 
 
+@pytest.mark.slow  # as the LLaVA and LLaVA-NeXT fresh-process tests: two conversions and a fresh interpreter
 def test_onevision_repos_load_through_remote_code_in_a_fresh_process(repos):
     arguments = [str(item) for name in ("saved", "converted") for item in repos[name]]
     result = run_without_llava_rc(LOADER, arguments, repos["root"], timeout=300)
