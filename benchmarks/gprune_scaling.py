@@ -88,7 +88,7 @@ def main() -> None:
                 "command": " ".join(sys.argv),
                 "rows": rows,
             }
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+            bench_common.write_result(Path(args.output), result)
 
 
 if __name__ == "__main__":

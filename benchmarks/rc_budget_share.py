@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from bench_common import ROOT, write_readme_section  # benchmarks/bench_common.py
+from bench_common import ROOT, checkpoint_sources, write_readme_section, write_result  # benchmarks/bench_common.py
 from llava_rc import easyvqa
 
 CHECKPOINT = ROOT / "llava_rc" / "checkpoints" / "llava-rc-easyvqa"
@@ -99,7 +99,7 @@ def main() -> None:
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    result = write_result(args.output, result, extra_sources=checkpoint_sources(args.checkpoint))
     if args.update_docs:
         write_readme_section("rc-budget-share", docs_lines(result))
 

@@ -14,7 +14,6 @@ Run: ``OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/received_attention_ch
 writes ``benchmarks/results/received_attention_chunks.json``.
 """
 
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import bench_common  # noqa: E402  (benchmarks/bench_common.py; first, it notes the start time)
 
 from llava_rc.vision_importance import QUERY_CHUNK, received_attention  # noqa: E402
 
@@ -94,8 +95,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     path = ROOT / "benchmarks" / "results" / "received_attention_chunks.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    result = bench_common.write_result(path, result)
+    print(result["rows"])
 
 
 if __name__ == "__main__":

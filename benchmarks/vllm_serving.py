@@ -17,7 +17,6 @@ The load average is recorded beside the numbers.
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import write_result  # noqa: E402  (benchmarks/bench_common.py)
 from latency import GEOMETRIES, config_kwargs, random_init_  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,8 +222,7 @@ def main() -> None:
             "generates max_tokens tokens. TTFT from vLLM's request metrics (first_token_latency)."
         ),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.output, result)
     for name in args.variants:
         summary = variants[name]
         print(f"{name:18s} prompt {summary['prompt_tokens']:4d}  req/s {summary['requests_per_s']:.3f} "
