@@ -417,9 +417,9 @@ def committed_sections() -> dict[str, list[str]]:
     path = RESULTS / "rc_step_cpu.json"
     if not path.exists():
         return {"rc_step": [
-            "No current result: the last one (5 Dec 2026, `benchmarks/results/history/rc_step_cpu.json`) describes "
-            "older code. Measure it with `OMP_NUM_THREADS=1 python benchmarks/rc_step.py --batch-sizes 1 4 --repeats 3 "
-            "--update-readme`."
+            "No current result: the last run (5 Dec 2026, `benchmarks/results/history/rc_step_cpu.json`) describes "
+            "older code, so its figures are withdrawn. Measure it with `OMP_NUM_THREADS=1 python benchmarks/rc_step.py "
+            "--batch-sizes 1 4 --repeats 3 --update-readme`."
         ]}
     return {"rc_step": rc_step_table(json.loads(path.read_text()))}
 

@@ -15,6 +15,7 @@ import_vllm()
 
 from PIL import Image  # noqa: E402
 
+from llava_rc.compression_common import resolve_guidance  # noqa: E402
 from llava_rc.compression_registry import update_compression  # noqa: E402
 
 SHIPPED_COMPRESSION = json.loads((SHIPPED / "config.json").read_text())["compression"]
@@ -116,7 +117,9 @@ def test_text_guided_selection_reads_each_requests_question(llm, reference):
     its own question (vLLM's caches key on the image, so the question must be part of the key)."""
     image, first, = samples(1)[0]
     second = samples(1)[1][1]
-    for update in ({"guidance": "llm"}, {}, {"method": "trsm", "budget": 16}):
+    # RC with CLIP guidance in the adaptive proportions (recovered_share=None): with the default share both questions
+    # about one single-shape image recover the same patches, which would make the check vacuous.
+    for update in ({"guidance": "llm"}, {"recovered_share": None}, {"method": "trsm", "budget": 16, "guidance": "llm"}):
         settings = expected_settings(update)
         kept = [reference(prompt(q), image, compression=settings)[2].source_index.tolist() for q in (first, second)]
         assert kept[0] != kept[1], f"{update}: the two questions keep the same patches; the test would be vacuous"
@@ -137,7 +140,9 @@ def test_kept_patches_equal_generate(llm, reference):
     image, question = samples(1)[0]
     inputs = reference.processor(images=image, text=prompt(question), return_tensors="pt")
     for update in PER_REQUEST[:-1]:
-        settings = update_compression(ENGINE_COMPRESSION, update)
+        # "auto" guidance made concrete as generate() does (this repo has CLIP's text tower): the direct encoder call
+        # below is handed the guidance inputs of the resolved source.
+        settings = resolve_guidance(update_compression(ENGINE_COMPRESSION, update), has_clip_tower=True)
         expected = reference(prompt(question), image, compression=settings.to_dict())[2]
         guidance = (inputs["guidance_input_ids"][0], inputs["guidance_attention_mask"][0])
         if settings.guidance_source == "llm":
