@@ -406,13 +406,18 @@ def test_replace_directory_restores_the_old_repo_when_the_move_fails(tmp_path, m
 def test_signals_held_delivers_a_held_signal_when_the_block_ends():
     import signal
 
-    events = []
-    with pytest.raises(KeyboardInterrupt):
-        with hub_upload.signals_held():
-            signal.raise_signal(signal.SIGINT)
-            events.append("block finished")
-    assert events == ["block finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever this process inherited (a background job starts with SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        events = []
+        with pytest.raises(KeyboardInterrupt):
+            with hub_upload.signals_held():
+                signal.raise_signal(signal.SIGINT)
+                events.append("block finished")
+        assert events == ["block finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.mark.parametrize(
