@@ -46,6 +46,7 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
 
 from .compressed_generation import (
     NEWLINE,
@@ -96,6 +97,7 @@ class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextFo
     """
 
     config_class = LlavaNextRCConfig
+    _continuation_inputs = ("pixel_values", "image_sizes")
 
     def __init__(self, config: LlavaNextRCConfig):
         super().__init__(config)
@@ -363,14 +365,23 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
             return apply_plan(pack(projected), plan)  # (I_g, K, D)
         return super()._plan_tokens(signals, plan, pack, settings)
 
-    # ---- forward / generate: the stock OneVision inputs ------------------------------------------------------
-    def _refuse_video(self, method: str | None, pixel_values_videos) -> None:
-        if pixel_values_videos is not None and method != "none":
-            raise ValueError(
-                f"video input (pixel_values_videos) is not compressed, but compression is on (method {method!r}); "
-                "pass compression={'method': 'none'} for video prompts"
-            )
+    # ---- plumbing hooks: the stock OneVision inputs ---------------------------------------------------------
+    _image_inputs = (
+        "vision_feature_layer", "vision_feature_select_strategy", "image_sizes", "batch_num_images", "vision_aspect_ratio"
+    )
+    _video_inputs = ("pixel_values_videos", "image_sizes_videos")
+    _continuation_inputs = ("pixel_values", "image_sizes")
 
+    def _encode_inputs(self, image_inputs: dict) -> dict:
+        """``image_sizes``, ``batch_num_images`` and ``vision_aspect_ratio`` folded into one ``OnevisionImageGeometry``,
+        the image argument the hooks receive (compression on only; off, the stock inputs go to the stock code)."""
+        image_inputs = dict(image_inputs)
+        image_inputs["image_sizes"] = self.image_geometry(
+            image_inputs["image_sizes"], image_inputs.pop("batch_num_images"), image_inputs.pop("vision_aspect_ratio")
+        )
+        return image_inputs
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -401,47 +412,29 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
 
         compression (`dict` or `str`, *optional*): settings for this call only; defaults to ``config.compression``.
         """
-        method = self._compression_method(compression)
-        self._refuse_video(method, pixel_values_videos)
-        stock_inputs = {}
-        if pixel_values is not None and method != "none":
-            image_sizes = self.image_geometry(image_sizes, batch_num_images, vision_aspect_ratio)
-        else:
-            stock_inputs = dict(
+        return self._compressed_forward(
+            compression,
+            dict(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                image_sizes=image_sizes,
                 pixel_values_videos=pixel_values_videos,
                 image_sizes_videos=image_sizes_videos,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
                 vision_aspect_ratio=vision_aspect_ratio,
                 batch_num_images=batch_num_images,
-            )
-        return super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            image_sizes=image_sizes,
-            compression=compression,
-            guidance_mask=guidance_mask,
-            guidance_input_ids=guidance_input_ids,
-            guidance_attention_mask=guidance_attention_mask,
-            **stock_inputs,
-            **kwargs,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            ),
+            dict(
+                guidance_mask=guidance_mask,
+                guidance_input_ids=guidance_input_ids,
+                guidance_attention_mask=guidance_attention_mask,
+            ),
         )
-
-    @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, compression: dict | str | None = None, **kwargs):
-        r"""``CompressedGenerationMixin.generate`` with the stock OneVision inputs (``batch_num_images``,
-        ``vision_aspect_ratio``); compression off (or a text-only / video call with it off) is the stock generate.
-        ``pixel_values_videos`` with compression on raise a ValueError."""
-        settings = self.compression_settings(compression)
-        self._refuse_video(settings.method, kwargs.get("pixel_values_videos"))
-        if settings.method != "none" and kwargs.get("pixel_values") is not None:
-            kwargs["image_sizes"] = self.image_geometry(
-                kwargs.get("image_sizes"), kwargs.pop("batch_num_images", None), kwargs.pop("vision_aspect_ratio", None)
-            )
-        return super().generate(inputs, compression=settings, **kwargs)

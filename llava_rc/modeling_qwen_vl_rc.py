@@ -28,7 +28,6 @@ input embeddings with the image tokens, which live in the language model's space
 """
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 import transformers
@@ -37,40 +36,16 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForCondition
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
-from .compressed_generation import (
-    COMPRESSED_CACHE_FLAG,
-    GUIDANCE_INPUTS,
-    CompressedGenerationMixin,
-    LlavaRCCausalLMOutputWithPast,
-)
+from .compressed_generation import CompressedGenerationMixin
 from .compression_common import MethodConfig, apply_plan
 from .configuration_qwen_vl_rc import Qwen2_5_VLRCConfig, Qwen3VLRCConfig
 from .input_checks import check_input_shapes
-from .planning import SYNTHETIC_SOURCE, CompressionReport, CropSignals, ImageLayout, host_to_device
-from .sequence_packing import PackedSequence, pack_sequences
+from .planning import SYNTHETIC_SOURCE, CompressedBatch, CompressionReport, CropSignals, ImageLayout, host_to_device
+from .sequence_packing import pack_sequences
 from .vision_importance import received_attention
-
-logger = logging.get_logger(__name__)
-
-
-@dataclass
-class QwenCompressedBatch:
-    """The language model's input after compression: rebuilt ids/mask/labels, 3-D positions, the kept tokens.
-
-    position_ids: (4, B, L') the text row (a count over the mask) then (t, h, w); rope_deltas: (B, 1) the largest
-    position + 1 - the real length of each row; encoder_outputs: ``{"image": <the stock output class>}`` holding the
-    kept tokens (and DeepStack features) in sequence order, for ``mm_encoder_outputs``.
-    """
-
-    packed: PackedSequence
-    position_ids: torch.Tensor
-    rope_deltas: torch.Tensor
-    encoder_outputs: dict
-    report: CompressionReport
-
 
 class QwenVLCompressionMixin(CompressedGenerationMixin):
     """Compression for a Qwen-VL ``...ForConditionalGeneration`` (put it first in the bases).
@@ -156,16 +131,19 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         mm_token_type_ids: torch.Tensor | None = None,
         settings: MethodConfig | None = None,
         guidance_mask: torch.Tensor | None = None,
+        guidance_input_ids: torch.Tensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
         pad_left: bool | None = None,
-    ) -> QwenCompressedBatch:
+    ) -> CompressedBatch:
         """Encode the images once, compress them, and rebuild the batch, its 3-D positions and the kept tokens.
 
         input_ids: (B, L) with each image expanded to its ``<|image_pad|>`` run; pixel_values: (S, patch values) as the
         stock processor makes them; image_grid_thw: (I, 3); attention_mask, labels, guidance_mask, mm_token_type_ids:
-        (B, L) or None. pad_left: re-pad side; None keeps the caller's side.
+        (B, L) or None. guidance_input_ids, guidance_attention_mask: unused (no CLIP text tower). pad_left: re-pad
+        side; None keeps the caller's side.
         """
         settings = settings if settings is not None else self.compression_settings()
-        if "mm_encoder_outputs" not in inspect.signature(self._stock().forward).parameters:
+        if "mm_encoder_outputs" not in inspect.signature(self.model.forward).parameters:
             raise ValueError(
                 f"compression on Qwen-VL needs transformers >= 5.23 (generate's mm_encoder_outputs); this is "
                 f"{transformers.__version__}. Upgrade transformers, or use compression={{'method': 'none'}}"
@@ -317,19 +295,26 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
             patch_counts=host_to_device(run_lengths, device),
             newline_counts=torch.zeros(num_images, dtype=torch.long, device=device),
         )
-        return QwenCompressedBatch(packed, position_ids, rope_deltas, encoder_outputs, report)
+        return CompressedBatch(None, packed, report, position_ids, rope_deltas, encoder_outputs)
 
-    # ---- forward ----------------------------------------------------------------------------------------------
-    def _stock(self):
-        """The stock class's methods (skipping the LLaVA-side forward/generate of ``CompressedGenerationMixin``)."""
-        return super(CompressedGenerationMixin, self)
+    # ---- plumbing hooks ---------------------------------------------------------------------------------------
+    _image_inputs = ("image_grid_thw", "mm_token_type_ids")
+    _video_inputs = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    _embedding_inputs = ("inputs_embeds", "mm_encoder_outputs")
+    _continuation_inputs = ("pixel_values", "image_grid_thw")
 
-    def _refuse_video(self, method: str | None, pixel_values_videos) -> None:
-        if pixel_values_videos is not None and method != "none":
-            raise ValueError(
-                f"compression method {method!r} compresses images, not videos: pass compression={{'method': 'none'}} "
-                "for a call with pixel_values_videos"
-            )
+    def _language_model_inputs(self, batch: CompressedBatch, generating: bool) -> dict:
+        """The rebuilt ids, the 3-D positions and the kept tokens as ``mm_encoder_outputs`` (merged by the stock code,
+        DeepStack included), for ``forward()`` and ``generate()`` alike."""
+        return {
+            "input_ids": batch.packed.input_ids,
+            "position_ids": batch.position_ids,
+            "mm_encoder_outputs": batch.encoder_outputs,
+        }
+
+    def _after_compressed_call(self, batch: CompressedBatch) -> None:
+        """Decoding loops that pass no positions read ``model.model.rope_deltas``: the compressed rows'."""
+        self.model.rope_deltas = batch.rope_deltas
 
     @can_return_tuple
     def forward(
@@ -358,156 +343,40 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         r"""
         Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first and
         the returned logits, ``labels`` and ``attention_mask`` are at the compressed length (3-D positions: each kept
-        token keeps its stock position). Without ``pixel_values``, or with method ``"none"``, this is exactly the
-        stock call. ``pixel_values_videos`` need method ``"none"``.
+        token keeps its stock position); see ``CompressedGenerationMixin.forward``. Without ``pixel_values``, or with
+        method ``"none"``, this is exactly the stock call. ``pixel_values_videos`` need method ``"none"``.
 
         compression (`dict`, *optional*): settings for this call, updating ``config.compression``.
         guidance_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on the question's
             tokens, for text-guided methods; defaults to every text token of the prompt.
         guidance_input_ids, guidance_attention_mask: unused on Qwen (``guidance="clip"`` is not supported).
         """
-        method = self._compression_method(compression)
-        self._refuse_video(method, pixel_values_videos)
-        stock_kwargs = dict(
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-        if pixel_values is None or method == "none":
-            return self._stock().forward(
+        return self._compressed_forward(
+            compression,
+            dict(
                 input_ids=input_ids,
+                attention_mask=attention_mask,
                 position_ids=position_ids,
+                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
+                use_cache=use_cache,
                 pixel_values=pixel_values,
                 pixel_values_videos=pixel_values_videos,
                 image_grid_thw=image_grid_thw,
                 video_grid_thw=video_grid_thw,
                 mm_token_type_ids=mm_token_type_ids,
                 second_per_grid_ts=second_per_grid_ts,
+                logits_to_keep=logits_to_keep,
                 mm_encoder_outputs=mm_encoder_outputs,
-                **stock_kwargs,
-            )
-        settings = self.compression_settings(compression)
-        if input_ids is None or inputs_embeds is not None or mm_encoder_outputs is not None:
-            raise ValueError(
-                "compression needs input_ids (to find the image placeholders), and neither inputs_embeds nor "
-                "mm_encoder_outputs; pass input_ids, or compression={'method': 'none'}"
-            )
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            raise ValueError(
-                "pixel_values with a non-empty past_key_values: compression rebuilds the whole prompt, so images "
-                "must come with the first forward of a sequence"
-            )
-        if position_ids is not None:
-            logger.warning_once("position_ids are recomputed over the compressed sequence; the given ones are unused")
-        batch = self.compress_inputs(
-            input_ids,
-            pixel_values,
-            image_grid_thw,
-            attention_mask=attention_mask,
-            labels=labels,
-            mm_token_type_ids=mm_token_type_ids,
-            settings=settings,
-            guidance_mask=guidance_mask,
+                **kwargs,
+            ),
+            dict(
+                guidance_mask=guidance_mask,
+                guidance_input_ids=guidance_input_ids,
+                guidance_attention_mask=guidance_attention_mask,
+            ),
         )
-        packed = batch.packed
-        stock_kwargs["attention_mask"] = packed.attention_mask
-        outputs = self._stock().forward(
-            input_ids=packed.input_ids,
-            position_ids=batch.position_ids,
-            labels=packed.labels,
-            mm_encoder_outputs=batch.encoder_outputs,
-            return_dict=True,
-            **stock_kwargs,
-        )
-        self.model.rope_deltas = batch.rope_deltas
-        if outputs.past_key_values is not None:  # it holds the compressed prompt: generate() refuses to continue it
-            setattr(outputs.past_key_values, COMPRESSED_CACHE_FLAG, True)
-        return LlavaRCCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            labels=packed.labels,
-            attention_mask=packed.attention_mask,
-            compression=batch.report,
-        )
-
-    # ---- generate ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, compression: dict | None = None, **kwargs):
-        r"""Stock ``generate()`` with the image tokens compressed once, before the prefill.
-
-        As on LLaVA: ``out[:, input_ids.shape[1]:]`` is exactly the new text; ``return_dict_in_generate=True`` adds
-        ``compression`` (a `CompressionReport`, or None when nothing was compressed); the returned ``past_key_values``
-        of a compressed call cannot be passed back (continue with ``generate(input_ids=out.sequences, pixel_values=...,
-        image_grid_thw=..., attention_mask=...)``, which compresses again). ``pixel_values_videos`` need method
-        ``"none"``.
-        """
-        if getattr(kwargs.get("past_key_values"), COMPRESSED_CACHE_FLAG, False):
-            raise ValueError(
-                "past_key_values were filled from a compressed prompt (by generate() or forward() with compression "
-                "on): they no longer line up with the caller's input_ids. Continue without the cache: "
-                "generate(input_ids=out.sequences, pixel_values=..., image_grid_thw=..., attention_mask=...) "
-                "compresses the images again"
-            )
-        settings = self.compression_settings(compression)
-        self._refuse_video(settings.method, kwargs.get("pixel_values_videos"))
-        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        pixel_values = kwargs.get("pixel_values")
-        if pixel_values is None or settings.method == "none":
-            for name in GUIDANCE_INPUTS:
-                kwargs.pop(name, None)
-            if settings.method == "none":
-                kwargs["compression"] = {"method": "none"}
-            outputs = self._stock().generate(input_ids, **kwargs)
-            if not isinstance(outputs, torch.Tensor):
-                outputs.compression = None
-            return outputs
-        if input_ids is None or kwargs.get("inputs_embeds") is not None:
-            raise ValueError("compression needs input_ids (to find the image placeholders) and no inputs_embeds")
-        if kwargs.get("assistant_model") is not None:
-            raise ValueError("assisted decoding is not supported with compression")
-        if kwargs.pop("position_ids", None) is not None:
-            logger.warning_once("position_ids are recomputed over the compressed sequence; the given ones are unused")
-        kwargs.pop("pixel_values")
-        kwargs.pop("guidance_input_ids", None)
-        kwargs.pop("guidance_attention_mask", None)
-        batch = self.compress_inputs(
-            input_ids,
-            pixel_values,
-            kwargs.pop("image_grid_thw", None),
-            attention_mask=kwargs.pop("attention_mask", None),
-            mm_token_type_ids=kwargs.pop("mm_token_type_ids", None),
-            settings=settings,
-            guidance_mask=kwargs.pop("guidance_mask", None),
-            pad_left=True,
-        )
-        packed = batch.packed
-        self._shift_absolute_lengths(kwargs, packed.input_ids.shape[1] - input_ids.shape[1])
-        outputs = self._stock().generate(
-            input_ids=packed.input_ids,
-            attention_mask=packed.attention_mask,
-            position_ids=batch.position_ids,
-            mm_encoder_outputs=batch.encoder_outputs,
-            **kwargs,
-        )
-        self.model.rope_deltas = batch.rope_deltas
-        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        copies = sequences.shape[0] // input_ids.shape[0]  # beams / num_return_sequences
-        new_tokens = sequences[:, packed.input_ids.shape[1] :]
-        restored = torch.cat([input_ids.to(sequences.device).repeat_interleave(copies, dim=0), new_tokens], dim=1)
-        if isinstance(outputs, torch.Tensor):
-            return restored
-        outputs.sequences = restored
-        outputs["compression"] = batch.report
-        if getattr(outputs, "past_key_values", None) is not None:
-            setattr(outputs.past_key_values, COMPRESSED_CACHE_FLAG, True)
-        return outputs
 
 
 class Qwen2_5_VLRCForConditionalGeneration(QwenVLCompressionMixin, Qwen2_5_VLForConditionalGeneration):

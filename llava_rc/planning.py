@@ -100,11 +100,21 @@ class CompressionReport:
 
 @dataclass
 class CompressedBatch:
-    """The language model's input after compression, plus what happened."""
+    """The language model's input after compression, plus what happened.
 
-    inputs_embeds: torch.Tensor
+    inputs_embeds: (B, L', D) the merged embeddings (LLaVA line), or None where the stock model merges the image
+    tokens itself (Qwen: ``encoder_outputs``). position_ids: (4, B, L') Qwen's text row and (t, h, w) rows, or None
+    (1-D positions from ``packed``); rope_deltas: (B, 1) the largest position + 1 - each row's real length, or None;
+    encoder_outputs: ``{"image": <the stock output class>}`` holding the kept tokens in sequence order (Qwen's
+    ``mm_encoder_outputs``), or None.
+    """
+
+    inputs_embeds: torch.Tensor | None
     packed: PackedSequence
     report: CompressionReport
+    position_ids: torch.Tensor | None = None
+    rope_deltas: torch.Tensor | None = None
+    encoder_outputs: dict | None = None
 
 
 @dataclass
