@@ -42,9 +42,7 @@ from transformers.utils.generic import can_return_tuple
 from .compressed_generation import CompressedGenerationMixin
 from .compression_common import MethodConfig, apply_plan
 from .configuration_qwen_vl_rc import Qwen2_5_VLRCConfig, Qwen3VLRCConfig
-from .input_checks import check_input_shapes
-from .planning import SYNTHETIC_SOURCE, CompressedBatch, CompressionReport, CropSignals, ImageLayout, host_to_device
-from .sequence_packing import pack_sequences
+from .planning import CompressedBatch, CropSignals, EncodedImages, ImageLayout, host_to_device
 from .vision_importance import received_attention
 
 class QwenVLCompressionMixin(CompressedGenerationMixin):
@@ -121,28 +119,18 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         (``signals.projected``): a gather, or the same weighted average for merged tokens."""
         return apply_plan(pack(signals.projected), plan)
 
-    def compress_inputs(
+    def _encode_images(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor,
+        settings: MethodConfig,
         image_grid_thw: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
-        settings: MethodConfig | None = None,
-        guidance_mask: torch.Tensor | None = None,
-        guidance_input_ids: torch.Tensor | None = None,
-        guidance_attention_mask: torch.Tensor | None = None,
-        pad_left: bool | None = None,
-    ) -> CompressedBatch:
-        """Encode the images once, compress them, and rebuild the batch, its 3-D positions and the kept tokens.
-
-        input_ids: (B, L) with each image expanded to its ``<|image_pad|>`` run; pixel_values: (S, patch values) as the
-        stock processor makes them; image_grid_thw: (I, 3); attention_mask, labels, guidance_mask, mm_token_type_ids:
-        (B, L) or None. guidance_input_ids, guidance_attention_mask: unused (no CLIP text tower). pad_left: re-pad
-        side; None keeps the caller's side.
+    ) -> EncodedImages:
+        """The stock ``get_image_features`` once: per image its LLM tokens (and DeepStack features), one 'crop' of
+        h * w / 4 tokens read as one raster view. pixel_values: (S, patch values) as the stock processor makes them;
+        image_grid_thw: (I, 3); mm_token_type_ids: (B, L) or None (then the image placeholders are the image tokens).
         """
-        settings = settings if settings is not None else self.compression_settings()
         if "mm_encoder_outputs" not in inspect.signature(self.model.forward).parameters:
             raise ValueError(
                 f"compression on Qwen-VL needs transformers >= 5.23 (generate's mm_encoder_outputs); this is "
@@ -152,12 +140,8 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
             raise ValueError("guidance='clip' is not supported on Qwen-VL (no CLIP text tower); use guidance=None or 'auto'")
         if image_grid_thw is None:
             raise ValueError("compression needs image_grid_thw (the processor's (t, h, w) patch grid of every image)")
-        check_input_shapes(input_ids, attention_mask, labels, guidance_mask, None, None)
         merge = self.config.vision_config.spatial_merge_size
-        image_token_id = self.config.image_token_id
-        is_image = input_ids == image_token_id  # (B, L)
         grids = image_grid_thw.tolist()  # host ints: the geometry decides shapes
-        num_images = len(grids)
         patch_sizes = [t * h * w for t, h, w in grids]
         run_lengths = [size // merge**2 for size in patch_sizes]
         if pixel_values.shape[0] != sum(patch_sizes):
@@ -165,102 +149,70 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
                 f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw {grids} describes "
                 f"{sum(patch_sizes)}"
             )
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
-        host_counts = torch.stack([is_image.sum(), (~real[:, -1]).any().long(), (is_image & ~real).sum()]).tolist()
-        num_placeholders, ends_with_padding, masked_placeholders = host_counts
-        if num_placeholders != sum(run_lengths):
-            raise ValueError(
-                f"input_ids has {num_placeholders} image tokens but image_grid_thw {grids} gives {run_lengths} "
-                f"tokens per image (expected {sum(run_lengths)} image tokens)"
-            )
-        if masked_placeholders:
-            raise ValueError(
-                f"attention_mask is 0 on {masked_placeholders} image placeholder position(s): compression reads every "
-                "image token of the prompt, so a masked image would silently drop out or misalign. Set the mask to 1 "
-                "on the image tokens (0 only on padding), or pass compression={'method': 'none'}"
-            )
-        if pad_left is None:
-            pad_left = not ends_with_padding
-
-        needs_attention = settings.needs_attention
         vision = self.model.get_image_features(
-            pixel_values, image_grid_thw, output_hidden_states=needs_attention, return_dict=True
+            pixel_values, image_grid_thw, output_hidden_states=settings.needs_attention, return_dict=True
         )
         tokens = torch.cat(vision.pooler_output)  # (U, D) every image's LLM tokens, raster order
-        if not bool(tokens.isfinite().all()):
-            raise ValueError(
-                "the vision tower's features hold NaN or inf (non-finite pixel_values, or an overflow in this dtype); "
-                "compression cannot rank such tokens"
-            )
-        width = tokens.shape[-1]
+        longest = max(run_lengths)
+        # One image is one 'crop' of N_max slots; its layout reads its own n_i tokens as one raster view.
+        layouts = [
+            ImageLayout(token_index=torch.arange(count) + image * longest, views=((t * h // merge, w // merge),))
+            for image, (count, (t, h, w)) in enumerate(zip(run_lengths, grids))
+        ]
+        return EncodedImages(
+            layouts=layouts,
+            crops_per_image=[1] * len(grids),
+            non_finite=~tokens.isfinite().all(),
+            description=f"image_grid_thw {grids} gives {run_lengths} tokens per image",
+            device=tokens.device,
+            state={
+                "vision": vision,
+                "image_grid_thw": image_grid_thw,
+                "patch_sizes": patch_sizes,
+                "mm_token_type_ids": mm_token_type_ids,
+            },
+        )
+
+    def _crop_signals(self, encoded: EncodedImages, settings: MethodConfig) -> CropSignals:
+        """(I, N_max, ...) per image, zero-padded: the stock tokens (``features``), the same with the DeepStack levels
+        concatenated alongside (``projected``: what a plan keeps), and the merge-unit importance."""
+        vision = encoded.state["vision"]
+        run_lengths = [layout.token_index.shape[0] for layout in encoded.layouts]
+        tokens = torch.cat(vision.pooler_output)  # (U, D)
         deepstack = getattr(vision, "deepstack_features", None) or []
         with_deepstack = torch.cat([tokens, *(torch.cat(level) for level in deepstack)], dim=-1)  # (U, D x (1+L))
-        device = tokens.device
-        longest = max(run_lengths)
 
-        def per_image(values: torch.Tensor | None) -> torch.Tensor | None:
+        def per_image(values: torch.Tensor) -> torch.Tensor:
             """(U, ...) concatenated over images -> (I, N_max, ...) zero-padded, one 'crop' per image."""
-            if values is None:
-                return None
             return nn.utils.rnn.pad_sequence(list(values.split(run_lengths)), batch_first=True)
 
         signals = CropSignals(features=per_image(tokens), projected=per_image(with_deepstack))
-        if needs_attention:
+        if settings.needs_attention:
             with torch.no_grad():
                 block_input = vision.hidden_states[self._importance_block()]  # (S, C) the block's input
-                scores = self._merge_unit_importance(block_input, image_grid_thw, patch_sizes)
+                scores = self._merge_unit_importance(
+                    block_input, encoded.state["image_grid_thw"], encoded.state["patch_sizes"]
+                )
             signals.attention_per_head, signals.attention_joint = per_image(scores[0]), per_image(scores[1])
             signals.keys, signals.num_heads = per_image(scores[2]), scores[3]
-        tokens_per_image = (
-            run_lengths[0] if len(set(run_lengths)) == 1 else torch.tensor(run_lengths, device=input_ids.device)
-        )
-        image_has_text = None
-        if settings.guidance_source == "llm":
-            with torch.no_grad():
-                image_row = self._image_rows(is_image, num_images, tokens_per_image).to(device)  # (I,)
-                question, has_text = self._llm_question(input_ids, attention_mask, labels, guidance_mask)
-                signals.text_scores = nn.functional.cosine_similarity(
-                    signals.features.detach().float(), question.to(device)[image_row].unsqueeze(1), dim=-1
-                )  # (I, N_max)
-                signals.guidance_dim = width
-                image_has_text = has_text.to(device)[image_row]
+        return signals
 
-        # One image is one 'crop' of N_max slots; its layout reads its own n_i tokens as one raster view.
-        layouts = [
-            ImageLayout(
-                token_index=torch.arange(count) + image * longest, views=((t * h // merge, w // merge),)
-            )
-            for image, (count, (t, h, w)) in enumerate(zip(run_lengths, grids))
-        ]
-        groups: dict[tuple, list[int]] = {}
-        for image, layout in enumerate(layouts):
-            groups.setdefault(layout.views, []).append(image)
-        results = []
-        for members in groups.values():
-            member_index = host_to_device(members, device)
-            has_text = image_has_text[member_index] if image_has_text is not None else None
-            group = self._compress_group(signals, [layouts[i] for i in members], has_text, settings)
-            results.append((member_index, *group))
-        if len(results) == 1:
-            _, image_tokens, plan, absorbed = results[0]
-        else:
-            image_tokens, plan, absorbed = self._merge_groups(results, num_images)
+    def _guidance_patches(self, encoded: EncodedImages, signals: CropSignals, settings: MethodConfig) -> torch.Tensor:
+        """"llm" guidance: the image tokens live in the language model's input space already."""
+        return signals.features.detach()  # (I, N_max, D)
+
+    def _language_model_batch(self, encoded, packed, image_tokens, plan, input_ids, attention_mask) -> dict:
+        """3-D positions (stock ``get_rope_index`` on the uncompressed sequence, at the columns each kept token came
+        from), ``rope_deltas``, and the kept tokens as the stock encoder output (``mm_encoder_outputs``)."""
+        vision = encoded.state["vision"]
+        run_lengths = [layout.token_index.shape[0] for layout in encoded.layouts]
         slots = image_tokens.shape[1]
-        packed = pack_sequences(
-            input_ids,
-            attention_mask,
-            labels,
-            image_token_id=image_token_id,
-            tokens_per_image=tokens_per_image,
-            kept_counts=plan.counts.to(input_ids.device),
-            slots_per_image=slots,
-            pad_token_id=self._pad_token_id(),
-            pad_left=pad_left,
-        )
-
-        # 3-D positions: the stock ones of the uncompressed sequence, at the columns each kept token came from.
-        type_ids = mm_token_type_ids if mm_token_type_ids is not None else is_image.int()
-        original, _ = self.model.get_rope_index(input_ids, type_ids, image_grid_thw, attention_mask=attention_mask)
+        type_ids = encoded.state["mm_token_type_ids"]
+        if type_ids is None:
+            type_ids = (input_ids == self.config.image_token_id).int()
+        original, _ = self.model.get_rope_index(
+            input_ids, type_ids, encoded.state["image_grid_thw"], attention_mask=attention_mask
+        )  # (3, B, L)
         slot = packed.image_slot  # (B, L') index into the flattened (I x K) kept tokens, -1 on text
         is_slot = slot >= 0
         flat_slot = slot.clamp(min=0)
@@ -275,27 +227,19 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         position_ids = torch.cat([packed.position_ids.unsqueeze(0).to(spatial.device), spatial])  # (4, B, L')
         rope_deltas = (spatial.amax(dim=(0, 2)) + 1 - real_new.sum(dim=1)).unsqueeze(1)  # (B, 1)
 
+        width = vision.pooler_output[0].shape[-1]
         kept = image_tokens.flatten(0, 1)[slot[is_slot].to(image_tokens.device)]  # (sum kept, D x (1 + L))
         kept_tokens, *kept_levels = kept.split(width, dim=-1)  # in sequence order, image after image
         # Per image, as the stock encoder returns them: generate() splits them by rows for beams and return sequences.
         kept_counts = plan.counts.tolist()
         fields = {"pooler_output": kept_tokens.split(kept_counts)}
-        if deepstack:
+        if getattr(vision, "deepstack_features", None):
             fields["deepstack_features"] = [level.split(kept_counts) for level in kept_levels]
-        encoder_outputs = {"image": type(vision)(**fields)}
-
-        position = torch.arange(plan.source_index.shape[1], device=device)  # (K,)
-        synthetic = (position < plan.counts.unsqueeze(-1)) & (plan.source_index < 0)  # (I, K)
-        report = CompressionReport(
-            method=settings.to_dict(),
-            num_patches=absorbed.shape[-1],
-            kept_counts=plan.counts,
-            source_index=plan.source_index.masked_fill(synthetic, SYNTHETIC_SOURCE),
-            absorbed=absorbed,
-            patch_counts=host_to_device(run_lengths, device),
-            newline_counts=torch.zeros(num_images, dtype=torch.long, device=device),
-        )
-        return CompressedBatch(None, packed, report, position_ids, rope_deltas, encoder_outputs)
+        return {
+            "position_ids": position_ids,
+            "rope_deltas": rope_deltas,
+            "encoder_outputs": {"image": type(vision)(**fields)},
+        }
 
     # ---- plumbing hooks ---------------------------------------------------------------------------------------
     _image_inputs = ("image_grid_thw", "mm_token_type_ids")

@@ -148,6 +148,27 @@ class CropSignals:
     text_scores: torch.Tensor | None = None
     guidance_dim: int = 1
 
+
+@dataclass
+class EncodedImages:
+    """What a family's ``_encode_images`` hands to the shared planning: the images' layouts and what its signal and
+    hand-over hooks read again (``state``: the tower's hidden states and feature layer on the LLaVA line; the stock
+    encoder output and grids on Qwen).
+
+    layouts: one ``ImageLayout`` per image, in reading order; crops_per_image: the crops (rows of the per-crop
+    signals) of each image; non_finite: () bool on the device, True when the features a method reads hold NaN or
+    inf (read in the one validation sync); description: the images as the caller gave them, for the error on a
+    placeholder count mismatch ("pixel_values holds 2 image(s) of 16 patches each").
+    """
+
+    layouts: list[ImageLayout]
+    crops_per_image: list[int]
+    non_finite: torch.Tensor
+    description: str
+    device: torch.device
+    state: dict
+
+
 class CompressionPlanner:
     """The planning half of a compressed ``...ForConditionalGeneration``: settings, the family hooks, and
     ``compress_inputs`` (ids and pixels in, the rebuilt batch and its report out). ``CompressedGenerationMixin``
@@ -411,44 +432,28 @@ class CompressionPlanner:
         image_row = torch.zeros(num_images + 1, dtype=torch.long, device=is_image.device)
         return image_row.scatter(0, target.flatten(), rows.flatten())[:num_images]
 
-    def _crop_signals(
-        self,
-        hidden_states: tuple,
-        feature_layer: int,
-        settings: MethodConfig,
-        crop_image: torch.Tensor,
-        image_row: torch.Tensor,
-        question: torch.Tensor | None,
-    ) -> CropSignals:
-        """Everything the method may read, for every crop token: (P, N, ...) tensors.
-
-        crop_image: (P,) the image of each crop; image_row: (I,) the batch row of each image; question: (B, W) the
-        question embedding of each row for text-guided methods, else None.
-        """
+    def _crop_signals(self, encoded: EncodedImages, settings: MethodConfig) -> CropSignals:
+        """Everything the method may read but the text scores, for every crop token: (P, N, ...) tensors."""
+        hidden_states, feature_layer = encoded.state["hidden_states"], encoded.state["feature_layer"]
         features = hidden_states[feature_layer][:, self._num_prefix_tokens() :]  # (P, N, C) patch tokens only
         signals = CropSignals(features=features)
-        guidance = settings.guidance_source
-        if settings.stage == "projected" or guidance == "llm":
+        if settings.stage == "projected" or settings.guidance_source == "llm":
             signals.projected = self.model.multi_modal_projector(features)  # (P, N, D)
-        with torch.no_grad():
-            if settings.needs_attention:
+        if settings.needs_attention:
+            with torch.no_grad():
                 importance = self._crop_importance(hidden_states, feature_layer, settings)
-                signals.attention_per_head, signals.attention_joint, signals.keys, signals.num_heads = importance
-            if guidance is not None:
-                if guidance == "llm":
-                    patches = signals.projected.detach()  # (P, N, D)
-                else:
-                    # CLIP's own image-text space: the final layer's patch tokens, post-norm, visual projection.
-                    final_patches = self.model.vision_tower.post_layernorm(
-                        hidden_states[-1][:, self._num_prefix_tokens() :]
-                    )  # (P, N, C)
-                    patches = self.guidance_visual_projection(final_patches)  # (P, N, W)
-                crop_question = question.to(patches.device)[image_row.to(patches.device)[crop_image]]  # (P, W)
-                signals.text_scores = torch.nn.functional.cosine_similarity(
-                    patches.float(), crop_question.unsqueeze(1), dim=-1
-                )  # (P, N)
-                signals.guidance_dim = patches.shape[-1]
+            signals.attention_per_head, signals.attention_joint, signals.keys, signals.num_heads = importance
         return signals
+
+    def _guidance_patches(self, encoded: EncodedImages, signals: CropSignals, settings: MethodConfig) -> torch.Tensor:
+        """(P, N, W) the crop tokens in the space of the question embedding (``_llm_question`` / ``_clip_question``)."""
+        if settings.guidance_source == "llm":
+            return signals.projected.detach()  # (P, N, D)
+        # CLIP's own image-text space: the final layer's patch tokens, post-norm, visual projection.
+        final_patches = self.model.vision_tower.post_layernorm(
+            encoded.state["hidden_states"][-1][:, self._num_prefix_tokens() :]
+        )  # (P, N, C)
+        return self.guidance_visual_projection(final_patches)  # (P, N, W)
 
     def _compress_group(
         self,
@@ -520,30 +525,17 @@ class CompressionPlanner:
         absorbed = absorbed.gather(1, order.unsqueeze(-1).expand(-1, -1, absorbed.shape[-1]))  # (I_g, K + R, M)
         return tokens, TokenPlan(source_index=source, counts=plan.counts + num_newlines), absorbed
 
-    def compress_inputs(
+    def _encode_images(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        settings: MethodConfig | None = None,
+        settings: MethodConfig,
         vision_feature_layer: int | None = None,
         vision_feature_select_strategy: str | None = None,
-        guidance_mask: torch.Tensor | None = None,
-        guidance_input_ids: torch.Tensor | None = None,
-        guidance_attention_mask: torch.Tensor | None = None,
-        pad_left: bool | None = None,
         image_sizes: torch.Tensor | None = None,
-    ) -> CompressedBatch:
-        """Encode the images once, compress them, and rebuild the batch around the kept tokens.
-
-        input_ids: (B, L) with each image expanded to its placeholder run; pixel_values: the images in reading
-        order ((I, 3, H, W) for LLaVA-1.5; (I, P, 3, H, W) crops with ``image_sizes`` (I, 2) for LLaVA-NeXT);
-        attention_mask, labels, guidance_mask: (B, L) or None; guidance_input_ids, guidance_attention_mask: (B, T)
-        the question for the CLIP text tower, or None. pad_left: re-pad side; None keeps the caller's side (right
-        when any row ends with padding, else left, so every row's last position stays its last real token).
-        """
-        settings = settings if settings is not None else self.compression_settings()
+    ) -> EncodedImages:
+        """The vision tower once over every crop of every image (``_image_crops``), and each image's layout
+        (``_image_token_layouts``). The family's image inputs arrive as keywords (``_image_inputs``)."""
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         expected_strategy = "default" if self._num_prefix_tokens() else "full"
         if strategy != expected_strategy:
@@ -553,29 +545,83 @@ class CompressionPlanner:
             )
         feature_layer = self._vision_feature_layer(vision_feature_layer)
         attention_layer = self._attention_layer_index(feature_layer, settings) if settings.needs_attention else None
-        check_input_shapes(
-            input_ids, attention_mask, labels, guidance_mask, guidance_input_ids, guidance_attention_mask
-        )
-        image_token_id = self.config.image_token_id
-        is_image = input_ids == image_token_id
         crops, crops_per_image = self._image_crops(pixel_values, image_sizes)
         layouts = self._image_token_layouts(crops_per_image, image_sizes)
-        num_images = len(layouts)
-        run_lengths = [layout.token_index.shape[0] for layout in layouts]
-        patch_counts = [int((layout.token_index != NEWLINE).sum()) for layout in layouts]  # host tensors
-
         vision_tower = self.model.vision_tower
         hidden_states = vision_tower(
             crops.to(vision_tower.dtype), output_hidden_states=True, return_dict=True
         ).hidden_states
-        device = hidden_states[0].device
+        read_states = {feature_layer % len(hidden_states)} | ({attention_layer} if attention_layer is not None else set())
+        non_finite = torch.stack([(~hidden_states[index].isfinite()).any() for index in sorted(read_states)]).any()
+        run_lengths = [layout.token_index.shape[0] for layout in layouts]
+        per_image = f"{run_lengths[0]} patches each" if len(set(run_lengths)) == 1 else f"{run_lengths} tokens"
+        return EncodedImages(
+            layouts=layouts,
+            crops_per_image=crops_per_image,
+            non_finite=non_finite,
+            description=f"pixel_values holds {len(layouts)} image(s) of {per_image}",
+            device=hidden_states[0].device,
+            state={"hidden_states": hidden_states, "feature_layer": feature_layer},
+        )
+
+    def _language_model_batch(
+        self,
+        encoded: EncodedImages,
+        packed: PackedSequence,
+        image_tokens: torch.Tensor,
+        plan: TokenPlan,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> dict:
+        """The family's language-model input around the rebuilt batch, as ``CompressedBatch`` fields.
+
+        image_tokens: (I, K, D) the kept tokens of every image in reading order; plan: their sources and counts.
+        Default: the merged embeddings (the rebuilt ids' embeddings with the image tokens in their slots).
+        """
+        text_embeds = self.get_input_embeddings()(packed.input_ids)  # (B, L', D)
+        return {"inputs_embeds": fill_image_slots(text_embeds, image_tokens, packed.image_slot)}
+
+    def compress_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        settings: MethodConfig | None = None,
+        guidance_mask: torch.Tensor | None = None,
+        guidance_input_ids: torch.Tensor | None = None,
+        guidance_attention_mask: torch.Tensor | None = None,
+        pad_left: bool | None = None,
+        **image_inputs,
+    ) -> CompressedBatch:
+        """Encode the images once, compress them, and rebuild the batch around the kept tokens.
+
+        input_ids: (B, L) with each image expanded to its placeholder run; pixel_values: the images in reading
+        order ((I, 3, H, W) for LLaVA-1.5; (I, P, 3, H, W) crops with ``image_sizes`` (I, 2) for LLaVA-NeXT; packed
+        patches with ``image_grid_thw`` (I, 3) for Qwen); attention_mask, labels, guidance_mask: (B, L) or None;
+        guidance_input_ids, guidance_attention_mask: (B, T) the question for the CLIP text tower, or None.
+        image_inputs: the family's other image inputs (``_encode_images`` keywords: ``vision_feature_layer``,
+        ``vision_feature_select_strategy``, ``image_sizes`` on the LLaVA line; ``image_grid_thw``,
+        ``mm_token_type_ids`` on Qwen). pad_left: re-pad side; None keeps the caller's side (right when any row ends
+        with padding, else left, so every row's last position stays its last real token).
+        """
+        settings = settings if settings is not None else self.compression_settings()
+        check_input_shapes(
+            input_ids, attention_mask, labels, guidance_mask, guidance_input_ids, guidance_attention_mask
+        )
+        encoded = self._encode_images(input_ids, pixel_values, settings, **image_inputs)
+        layouts = encoded.layouts
+        image_token_id = self.config.image_token_id
+        is_image = input_ids == image_token_id
+        num_images = len(layouts)
+        run_lengths = [layout.token_index.shape[0] for layout in layouts]
+        patch_counts = [int((layout.token_index != NEWLINE).sum()) for layout in layouts]  # host tensors
+        device = encoded.device
         # One host sync for validation: clear errors instead of silently misaligned tokens or a NaN attention that
         # quietly keeps nothing. It comes after the tower so that the features' finiteness travels with it; the
         # same transfer brings each row's placeholder and real text counts, from which the rebuilt width follows
         # on the host when the kept counts are fixed (no second sync in pack_sequences).
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
-        read_states = {feature_layer % len(hidden_states)} | ({attention_layer} if attention_layer is not None else set())
-        non_finite = torch.stack([(~hidden_states[index].isfinite()).any() for index in sorted(read_states)]).any()
         host_counts = torch.cat(
             [
                 torch.stack(
@@ -583,7 +629,7 @@ class CompressionPlanner:
                         is_image.sum(),
                         (~real[:, -1]).any().long(),
                         (is_image & ~real).sum(),
-                        non_finite.long().to(is_image.device),
+                        encoded.non_finite.long().to(is_image.device),
                     ]
                 ),
                 is_image.sum(dim=1),  # (B,) placeholders per row
@@ -599,10 +645,9 @@ class CompressionPlanner:
                 f"(id {image_token_id}); put the processor's image placeholder in the prompt"
             )
         if num_placeholders != sum(run_lengths):
-            per_image = f"{run_lengths[0]} patches each" if len(set(run_lengths)) == 1 else f"{run_lengths} tokens"
             raise ValueError(
-                f"input_ids has {num_placeholders} image tokens but pixel_values holds {num_images} image(s) of "
-                f"{per_image} (expected {sum(run_lengths)} image tokens)"
+                f"input_ids has {num_placeholders} image tokens but {encoded.description} "
+                f"(expected {sum(run_lengths)} image tokens)"
             )
         if masked_placeholders:
             raise ValueError(
@@ -624,35 +669,27 @@ class CompressionPlanner:
             if len(set(run_lengths)) == 1
             else torch.tensor(run_lengths, dtype=torch.long, device=input_ids.device)
         )
-        crop_image = torch.repeat_interleave(
-            torch.arange(num_images, device=device), host_to_device(crops_per_image, device)
-        )  # (P,)
-        image_row = question = image_has_text = None
+        signals = self._crop_signals(encoded, settings)
+        image_has_text = None
         if settings.guidance_source is not None:
             image_row = self._image_rows(is_image, num_images, tokens_per_image).to(device)  # (I,)
-            if settings.guidance_source == "llm":
-                with torch.no_grad():
+            crop_image = torch.repeat_interleave(
+                torch.arange(num_images, device=device), host_to_device(encoded.crops_per_image, device)
+            )  # (P,)
+            with torch.no_grad():
+                if settings.guidance_source == "llm":
                     question, has_text = self._llm_question(input_ids, attention_mask, labels, guidance_mask)
-            else:
-                with torch.no_grad():
+                else:
                     question, has_text = self._clip_question(guidance_input_ids, guidance_attention_mask)
+                patches = self._guidance_patches(encoded, signals, settings)  # (P, N, W)
+                crop_question = question.to(patches.device)[image_row.to(patches.device)[crop_image]]  # (P, W)
+                signals.text_scores = torch.nn.functional.cosine_similarity(
+                    patches.float(), crop_question.unsqueeze(1), dim=-1
+                )  # (P, N)
+                signals.guidance_dim = patches.shape[-1]
             image_has_text = has_text.to(device)[image_row]  # (I,)
-        signals = self._crop_signals(hidden_states, feature_layer, settings, crop_image, image_row, question)
 
-        # One batched method call per layout shape (images of one size share it): a loop over image geometries.
-        groups: dict[tuple, list[int]] = {}
-        for image, layout in enumerate(layouts):
-            groups.setdefault(layout.shape_key, []).append(image)
-        results = []
-        for members in groups.values():
-            member_index = host_to_device(members, device)
-            has_text = image_has_text[member_index] if image_has_text is not None else None
-            results.append((member_index, *self._compress_group(signals, [layouts[i] for i in members], has_text,
-                                                                 settings)))
-        if len(results) == 1:
-            _, image_tokens, plan, absorbed = results[0]
-        else:
-            image_tokens, plan, absorbed = self._merge_groups(results, num_images)
+        image_tokens, plan, absorbed = self._plan_images(signals, layouts, image_has_text, settings, device)
         # With fixed counts (a budget) the rebuilt width is known on the host: pack_sequences need not read it.
         fixed = [settings.fixed_count(layout.views) for layout in layouts]
         new_length = None
@@ -665,14 +702,13 @@ class CompressionPlanner:
             labels,
             image_token_id=image_token_id,
             tokens_per_image=tokens_per_image,
-            kept_counts=plan.counts,
+            kept_counts=plan.counts.to(input_ids.device),
             slots_per_image=image_tokens.shape[1],
             pad_token_id=self._pad_token_id(),
             pad_left=pad_left,
             new_length=new_length,
         )
-        text_embeds = self.get_input_embeddings()(packed.input_ids)  # (B, L', D)
-        inputs_embeds = fill_image_slots(text_embeds, image_tokens, packed.image_slot)
+        handoff = self._language_model_batch(encoded, packed, image_tokens, plan, input_ids, attention_mask)
         slot = torch.arange(plan.source_index.shape[1], device=device)  # (K,)
         synthetic = (slot < plan.counts.unsqueeze(-1)) & (plan.source_index == PADDING_SOURCE)  # (I, K)
         report = CompressionReport(
@@ -684,7 +720,33 @@ class CompressionPlanner:
             patch_counts=host_to_device(patch_counts, device),
             newline_counts=host_to_device([runs - patches for runs, patches in zip(run_lengths, patch_counts)], device),
         )
-        return CompressedBatch(inputs_embeds=inputs_embeds, packed=packed, report=report)
+        return CompressedBatch(
+            inputs_embeds=handoff.pop("inputs_embeds", None), packed=packed, report=report, **handoff
+        )
+
+    def _plan_images(
+        self,
+        signals: CropSignals,
+        layouts: list[ImageLayout],
+        image_has_text: torch.Tensor | None,
+        settings: MethodConfig,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, TokenPlan, torch.Tensor]:
+        """Which tokens each image keeps: one batched method call per layout shape (images of one size share it),
+        a loop over image geometries. Returns (tokens (I, K, D) in reading order, the plan, absorbed (I, K, M))."""
+        groups: dict[tuple, list[int]] = {}
+        for image, layout in enumerate(layouts):
+            groups.setdefault(layout.shape_key, []).append(image)
+        results = []
+        for members in groups.values():
+            member_index = host_to_device(members, device)
+            has_text = image_has_text[member_index] if image_has_text is not None else None
+            group = self._compress_group(signals, [layouts[i] for i in members], has_text, settings)
+            results.append((member_index, *group))
+        if len(results) == 1:
+            _, image_tokens, plan, absorbed = results[0]
+            return image_tokens, plan, absorbed
+        return self._merge_groups(results, num_images=len(layouts))
 
     @staticmethod
     def _merge_groups(results: list, num_images: int) -> tuple[torch.Tensor, TokenPlan, torch.Tensor]:
@@ -725,6 +787,7 @@ __all__ = [
     "CompressionPlanner",
     "CompressionReport",
     "CropSignals",
+    "EncodedImages",
     "ImageLayout",
     "host_to_device",
 ]
