@@ -1,12 +1,13 @@
 """Compression around the stock ``forward(labels)`` and ``generate()``: the transformers plumbing and cache rules.
 
 ``CompressedGenerationMixin`` goes in front of a stock class (``LlavaForConditionalGeneration``,
-``LlavaNextForConditionalGeneration``, ...) and replaces one step: where the projected image features are merged into
-the text sequence. What is compressed, and how, is planned by ``planning.CompressionPlanner`` (the vision tower once,
-the method per image geometry, the rebuilt batch); this module only hands the result to the stock code.
+``Qwen2_5_VLForConditionalGeneration``, ..., behind the family's hooks) and replaces one step: where the image
+features enter the text sequence. What is compressed, and how, is planned by ``planning.CompressionPlanner`` (the
+vision tower once, the method per image geometry, the rebuilt batch); this module only hands the result to the stock
+code, the same way for every family (the family names its stock inputs and what the stock call reads).
 
-``generate()`` does this as a pre-pass and hands the rebuilt ids, mask and merged embeddings to the stock
-``generate()``: shrinking the sequence inside ``forward()`` would leave generate's mask and positions at the old
+``generate()`` does this as a pre-pass and hands the rebuilt ids, mask and the family's language-model input (merged
+embeddings; Qwen: 3-D positions and ``mm_encoder_outputs``) to the stock ``generate()``: shrinking the sequence inside ``forward()`` would leave generate's mask and positions at the old
 length (silently wrong). The caller's ``input_ids`` are put back in front of the new tokens afterwards.
 ``forward(labels=...)`` runs the same pre-pass for fine-tuning and returns the rebuilt labels and mask.
 """
@@ -15,9 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
-from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, logging
-from transformers.utils.generic import can_return_tuple
+from transformers.utils import logging
 
 from .planning import (
     NEWLINE,
@@ -67,13 +66,13 @@ class CompressedGenerationMixin(CompressionPlanner):
     call; nothing is stored on the model. The rules here (validation order, the stock path, the cache flag, the
     continuation rule, restoring the caller's ids) are the same for every family; a family says only which stock
     arguments are its image, video and embedding inputs (the class attributes below) and answers the plumbing hooks
-    ``_encode_inputs``, ``_language_model_inputs`` and ``_after_compressed_call``. A family whose stock ``forward``
-    takes other arguments than LLaVA's restates the signature and calls ``_compressed_forward``.
+    ``_encode_inputs``, ``_language_model_inputs`` and ``_after_compressed_call``. Its ``forward`` states the stock
+    signature (plus ``compression`` and the guidance inputs) and calls ``_compressed_forward``.
     """
 
     # Stock arguments besides pixel_values that the encode reads (``compress_inputs`` keywords, through
     # ``_encode_inputs``): with compression on they go to the pre-pass instead of the stock call.
-    _image_inputs: tuple[str, ...] = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+    _image_inputs: tuple[str, ...] = ()
     # Stock video arguments, the pixels first: refused with compression on (forward() then drops them).
     _video_inputs: tuple[str, ...] = ()
     # Stock arguments that hand the language model precomputed input: refused with compression on (it builds that
@@ -102,71 +101,6 @@ class CompressedGenerationMixin(CompressionPlanner):
         """Runs after the stock call of a compressed prompt (Qwen: ``rope_deltas`` of the compressed rows)."""
 
     # ---- forward --------------------------------------------------------------------------------------------
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        image_sizes: torch.Tensor | None = None,
-        compression: dict | str | None = None,
-        guidance_mask: torch.Tensor | None = None,
-        guidance_input_ids: torch.Tensor | None = None,
-        guidance_attention_mask: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ):
-        r"""
-        Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first
-        and the returned logits, ``labels`` and ``attention_mask`` are at the compressed length (positions are
-        recounted over the rebuilt mask; the batch keeps the caller's padding side: right when a row ends with
-        padding, else left). So are ``hidden_states`` and ``attentions`` (``output_hidden_states``,
-        ``output_attentions``): one position per token the language model read. ``return_dict=False`` returns
-        the output as a tuple, as stock does. Without ``pixel_values``, or with method ``"none"``, this is exactly
-        the stock call (nothing parsed when ``compression`` is None or a method name alone: graph-safe for
-        ``torch.compile(fullgraph=True)``; other settings are validated on every path, as by ``generate()``). With
-        ``use_cache=True`` the returned cache of a compressed call holds the compressed prompt: decode from it with
-        the returned ``attention_mask``; ``generate(past_key_values=...)`` refuses it (see ``generate()``).
-
-        compression (`dict` or `str`, *optional*): settings for this call, updating ``config.compression``: keys
-            given replace the config's settings of the same method, naming another method starts from its defaults,
-            e.g. ``{"budget": 64}`` or ``{"method": "cls_attention", "budget": 64}``; a method name alone means
-            ``{"method": name}``.
-        guidance_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on the question's
-            tokens, for text-guided methods (the processor makes it); defaults to every text token of the prompt.
-        guidance_input_ids, guidance_attention_mask (`torch.Tensor` of shape `(batch_size, guidance_length)`,
-            *optional*): the question tokenized for the CLIP text tower (``guidance="clip"``; the processor makes
-            them). An all-zero mask row means the prompt has no question.
-        """
-        return self._compressed_forward(
-            compression,
-            dict(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                labels=labels,
-                logits_to_keep=logits_to_keep,
-                image_sizes=image_sizes,
-                **kwargs,
-            ),
-            dict(
-                guidance_mask=guidance_mask,
-                guidance_input_ids=guidance_input_ids,
-                guidance_attention_mask=guidance_attention_mask,
-            ),
-        )
-
     def _refuse_video(self, method: str | None, inputs: dict) -> None:
         if self._video_inputs and inputs.get(self._video_inputs[0]) is not None and method != "none":
             raise ValueError(
@@ -185,7 +119,15 @@ class CompressedGenerationMixin(CompressionPlanner):
     def _compressed_forward(self, compression, inputs: dict, guidance: dict):
         """The shared ``forward()``: ``inputs`` holds the stock forward's arguments by name (extra keyword arguments
         included), ``guidance`` the three guidance inputs. Returns a ``ModelOutput`` (the family's ``forward`` is
-        wrapped in ``can_return_tuple``)."""
+        wrapped in ``can_return_tuple``).
+
+        Without ``pixel_values``, or with method ``"none"``, this is the stock call with the caller's arguments.
+        Otherwise the images are compressed first (``compress_inputs``) and the stock forward reads the rebuilt
+        batch: logits, ``labels``, ``attention_mask``, ``hidden_states`` and ``attentions`` come back at the
+        compressed length; given ``position_ids`` are replaced (with a warning); a non-empty cache, video inputs and
+        precomputed embeddings are refused; a cache filled here is flagged so that ``generate()`` refuses to
+        continue it.
+        """
         method = self._compression_method(compression)  # validates any setting beyond a method name
         self._refuse_video(method, inputs)
         if inputs.get("pixel_values") is None or method == "none":

@@ -1,9 +1,10 @@
 """LLaVA and LLaVA-NeXT whose visual tokens are compressed before the language model reads them.
 
 ``LlavaRCForConditionalGeneration`` (LLaVA-1.5) and ``LlavaNextRCForConditionalGeneration`` (LLaVA-NeXT, anyres)
-inherit everything from the stock transformers classes and share the compression machinery of
-``compressed_generation.CompressedGenerationMixin`` (the pre-pass, ``forward(labels)``, ``generate()``, the
-report). What differs is how an image becomes visual tokens, given here as the mixin's hooks:
+inherit everything from the stock transformers classes and share the compression machinery (``planning``: the
+pre-pass and the report; ``compressed_generation``: ``forward(labels)``, ``generate()``) and the LLaVA line's encode
+(``family_llava.LlavaFamilyMixin``: the tower over crops, importance, guidance). What differs is how an image
+becomes visual tokens, given here as hooks:
 
 - LLaVA-1.5: one crop per image, its N = (image_size / patch_size)^2 patches in raster order.
 - LLaVA-NeXT: a base view (the whole image resized, N patches) plus the crops of the best-fitting grid pinpoint;
@@ -48,19 +49,14 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
-from .compressed_generation import (
-    NEWLINE,
-    CompressedGenerationMixin,
-    CompressionReport,
-    ImageLayout,
-    LlavaRCCausalLMOutputWithPast,
-)
+from .compressed_generation import NEWLINE, CompressionReport, ImageLayout, LlavaRCCausalLMOutputWithPast
+from .family_llava import LlavaFamilyMixin
 from .compression_common import apply_plan
 from .configuration_llava_rc import LlavaNextRCConfig, LlavaOnevisionRCConfig, LlavaRCConfig
 from .input_checks import check_pixel_values, flatten_crops
 
 
-class LlavaRCForConditionalGeneration(CompressedGenerationMixin, LlavaForConditionalGeneration):
+class LlavaRCForConditionalGeneration(LlavaFamilyMixin, LlavaForConditionalGeneration):
     """LLaVA that compresses each image's visual tokens according to ``config.compression``.
 
     ``generate(..., compression={...})`` and ``forward(..., compression={...})`` override the settings for one
@@ -88,7 +84,7 @@ class LlavaRCForConditionalGeneration(CompressedGenerationMixin, LlavaForConditi
         ]
 
 
-class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextForConditionalGeneration):
+class LlavaNextRCForConditionalGeneration(LlavaFamilyMixin, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT (anyres) that compresses each image's visual tokens according to ``config.compression``.
 
     Budget semantics, newline tokens and how [CLS]-based methods and RC read several crops: see the module
@@ -226,7 +222,7 @@ class OnevisionImageLayout(ImageLayout):
     aspect_ratio: str = "anyres_max_9"
 
 
-class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaOnevisionForConditionalGeneration):
+class LlavaOnevisionRCForConditionalGeneration(LlavaFamilyMixin, LlavaOnevisionForConditionalGeneration):
     """LLaVA-OneVision (SigLIP tower without [CLS], Qwen2) that compresses each image's visual tokens.
 
     The image's tokens are those of the stock model: a single-image row reads the base view (N tokens, no newline)
@@ -255,7 +251,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
         super().__init__(config)
         self._init_guidance_modules(config)
 
-    # ---- the stock image inputs ----------------------------------------------------------------------------
+    # ---- the stock image inputs -----------------------------------------------------------------------------
     def image_geometry(self, image_sizes, batch_num_images=None, vision_aspect_ratio=None) -> OnevisionImageGeometry:
         """The geometry of the images from the stock inputs (``batch_num_images`` None: every image patched)."""
         if image_sizes is None:
@@ -407,7 +403,7 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
     ):
         r"""
         Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first
-        (see ``CompressedGenerationMixin.forward``). ``pixel_values_videos`` with compression on raise a ValueError.
+        (see ``LlavaFamilyMixin.forward``). ``pixel_values_videos`` with compression on raise a ValueError.
         Without images, or with ``"none"``, nothing is parsed: the stock call.
 
         compression (`dict` or `str`, *optional*): settings for this call only; defaults to ``config.compression``.

@@ -1,8 +1,10 @@
 """Qwen2.5-VL and Qwen3-VL whose visual tokens are compressed before the language model reads them.
 
 ``Qwen2_5_VLRCForConditionalGeneration`` and ``Qwen3VLRCForConditionalGeneration`` inherit everything from the stock
-transformers classes and share the compression machinery of ``CompressedGenerationMixin`` (settings, text guidance,
-the method call per image geometry, the batch rebuild, the report). What differs from the LLaVA line:
+transformers classes and share the compression machinery (``planning``: settings, validation, text guidance, the
+method call per image geometry, the batch rebuild, the report; ``compressed_generation``: ``forward()``,
+``generate()``, the cache and continuation rules). ``QwenVLCompressionMixin`` answers the hooks; what differs from
+the LLaVA line:
 
 - encode: the stock ``get_image_features`` runs once; its output per image is already one token per language-model
   token (a 2 x 2 merge of ViT patches, raster order), so methods see those tokens and a budget counts them. There is
@@ -40,25 +42,25 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .compressed_generation import CompressedGenerationMixin
-from .compression_common import MethodConfig, apply_plan
+from .compression_common import MethodConfig
 from .configuration_qwen_vl_rc import Qwen2_5_VLRCConfig, Qwen3VLRCConfig
 from .planning import CompressedBatch, CropSignals, EncodedImages, ImageLayout, host_to_device
 from .vision_importance import received_attention
 
-class QwenVLCompressionMixin(CompressedGenerationMixin):
-    """Compression for a Qwen-VL ``...ForConditionalGeneration`` (put it first in the bases).
 
-    Hooks: ``_importance_block`` (the ViT block whose attention ranks tokens), ``_window_index`` (the permutation of
-    merge units the ViT runs on, or None), ``_apply_rotary`` (the tower's rotary embedding of q/k).
+class QwenVLCompressionMixin(CompressedGenerationMixin):
+    """Compression for a Qwen-VL ``...ForConditionalGeneration`` (put it first in the bases): the planning hooks
+    (``_encode_images``, ``_crop_signals``, ``_guidance_patches``, ``_language_model_batch``) and the plumbing ones
+    (the stock input names, ``_language_model_inputs``, ``_after_compressed_call``, the stock ``forward`` signature).
+
+    A model class supplies ``_importance_block`` (the ViT block whose attention ranks tokens), ``_window_index`` (the
+    permutation of merge units the ViT runs on, or None) and ``_apply_rotary`` (the tower's rotary embedding of q/k).
     """
 
     def _init_guidance_modules(self, config) -> None:
         self.guidance_text_model = None  # no CLIP text tower: "clip" guidance is refused by the config
 
-    def _num_prefix_tokens(self) -> int:
-        return 0
-
-    # ---- family hooks -----------------------------------------------------------------------------------------
+    # ---- family hooks ---------------------------------------------------------------------------------------
     def _importance_block(self) -> int:
         raise NotImplementedError
 
@@ -68,7 +70,7 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
     def _apply_rotary(self, query, key, cos, sin):
         raise NotImplementedError
 
-    # ---- encode -----------------------------------------------------------------------------------------------
+    # ---- encode ---------------------------------------------------------------------------------------------
     def _merge_unit_importance(
         self, block_input: torch.Tensor, grid_thw: torch.Tensor, sizes: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -113,11 +115,6 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
             raster = torch.argsort(window_index)  # (U,) window order -> raster order, as the stock ViT un-permutes
             per_head, joint, keys = per_head[raster], joint[raster], keys[raster]
         return per_head, joint, keys, num_heads
-
-    def _plan_tokens(self, signals: CropSignals, plan, pack, settings: MethodConfig) -> torch.Tensor:
-        """(I_g, K, D x (1 + levels)) a plan applied to the stock tokens with their DeepStack features alongside
-        (``signals.projected``): a gather, or the same weighted average for merged tokens."""
-        return apply_plan(pack(signals.projected), plan)
 
     def _encode_images(
         self,
@@ -241,7 +238,7 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
             "encoder_outputs": {"image": type(vision)(**fields)},
         }
 
-    # ---- plumbing hooks ---------------------------------------------------------------------------------------
+    # ---- plumbing hooks -------------------------------------------------------------------------------------
     _image_inputs = ("image_grid_thw", "mm_token_type_ids")
     _video_inputs = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
     _embedding_inputs = ("inputs_embeds", "mm_encoder_outputs")
@@ -287,7 +284,7 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         r"""
         Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first and
         the returned logits, ``labels`` and ``attention_mask`` are at the compressed length (3-D positions: each kept
-        token keeps its stock position); see ``CompressedGenerationMixin.forward``. Without ``pixel_values``, or with
+        token keeps its stock position); see ``CompressedGenerationMixin._compressed_forward``. Without ``pixel_values``, or with
         method ``"none"``, this is exactly the stock call. ``pixel_values_videos`` need method ``"none"``.
 
         compression (`dict`, *optional*): settings for this call, updating ``config.compression``.

@@ -1,50 +1,39 @@
-"""Planning the compression of a batch: the vision tower once, per-crop-token signals, the method per image
-geometry, newline tokens back in place, and the rebuilt batch (``sequence_packing``) around the kept tokens.
+"""Planning the compression of a batch: which tokens each image keeps, and the rebuilt batch around them.
 
-``CompressionPlanner`` is the part of the model that turns ids and pixels into the language model's input, with no
-transformers plumbing (``compressed_generation`` hands its result to the stock ``forward()`` / ``generate()``):
+``CompressionPlanner`` turns ids and pixels into the language model's input, with no transformers plumbing
+(``compressed_generation`` hands its result to the stock ``forward()`` / ``generate()``). ``compress_inputs`` is the
+same for every family:
 
-1. the vision tower runs once over every crop of every image (LLaVA-1.5: one crop per image; LLaVA-NeXT: the base
-   view and the high-resolution crops); the method's inputs ([CLS] attention of each crop recomputed from the
-   stored hidden states with the attention layer's own norm and q/k projections, patch keys, text guidance scores)
-   are computed per crop token;
-2. each image's tokens are gathered in the language model's reading order (its *layout*, given by the model class:
-   identity for LLaVA-1.5; base view then the unpadded high-resolution grid for LLaVA-NeXT, where row-end newline
-   tokens are set aside) and the method (a pure function from ``compression_registry.METHODS``) returns a plan:
-   which tokens survive and which originals each output token absorbs;
-3. newline tokens, when the layout has them, are all kept and put back at the end of their rows, the output tokens
-   in reading order;
-4. each image's placeholder run is shortened to its kept count, the batch is re-padded, and labels, attention
-   mask and position ids are rebuilt to match (``sequence_packing``).
+1. the family encodes the images once (``_encode_images``: the tower over every crop, each image's layout);
+2. one host sync validates the placeholders against the images (count, mask, finite features) and brings the row
+   counts from which the rebuilt width follows on the host;
+3. the family computes what a method may read per crop token (``_crop_signals``: features, importance, keys);
+   text-guided methods add the cosine between each crop token (``_guidance_patches``) and its row's question;
+4. per image geometry, one batched method call (a pure function from ``compression_registry.METHODS``) returns a
+   plan: which tokens survive and which originals each output token absorbs (``_signal_packer`` puts each signal in
+   reading order, ``_plan_tokens`` applies the plan); newline tokens, when the layout has them, are all kept and put
+   back at the end of their rows (``_image_newline``);
+5. each image's placeholder run is shortened to its kept count and the batch re-padded (``sequence_packing``),
+   and the family lays the kept tokens out for its language model (``_language_model_batch``: merged embeddings by
+   default; Qwen: 3-D positions and the stock encoder output); the report says what happened.
 
 Images whose layouts have the same shape are compressed in one batched call; images of different shapes (anyres
-images of different sizes) are compressed in one call per shape: the documented loop over image geometries.
-
-A model class provides the family seam as hooks (docs/design.md):
-
-- encode: ``_image_crops`` (pixel values -> crops), ``_num_prefix_tokens`` (tokens before the patches: 1 for a
-  [CLS], 0 for SigLIP) and ``_crop_importance`` (per crop token: the importance score, [CLS] attention or the mean
-  attention received (``config.importance_score``), and the keys);
-- layout: ``_image_token_layouts`` (crop tokens -> each image's placeholder run), ``_image_newline`` (the newline
-  embedding, or None), ``_signal_packer`` (how a per-crop-token signal is put in reading order; a gather by
-  default, the stock packing where tokens are blends of patches) and ``_plan_tokens`` (the tokens of a plan);
-- positions: ``_position_ids`` (the 1-D renumbering over the rebuilt mask by default).
+images of different sizes, Qwen images of different grids) in one call per shape: the documented loop over image
+geometries. The hooks a family supplies are listed in docs/design.md.
 """
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.utils import logging
 
-from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan, cls_attention
+from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan
 from .compression_common import resolve_guidance
 from .compression_registry import METHODS, method_function, update_compression
 from .input_checks import check_input_shapes
 from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
 from .sequence_packing import packed_width
-from .vision_importance import importance_score_kind, received_attention
 
 logger = logging.get_logger(__name__)
 
@@ -172,37 +161,33 @@ class EncodedImages:
 class CompressionPlanner:
     """The planning half of a compressed ``...ForConditionalGeneration``: settings, the family hooks, and
     ``compress_inputs`` (ids and pixels in, the rebuilt batch and its report out). ``CompressedGenerationMixin``
-    builds forward/generate on it."""
+    builds forward/generate on it; ``family_llava.LlavaFamilyMixin`` and ``modeling_qwen_vl_rc.QwenVLCompressionMixin``
+    answer the hooks."""
 
-    def _init_guidance_modules(self, config) -> None:
-        """"clip" guidance (the RC paper): CLIP's text tower and both projections into the shared space."""
-        self.guidance_text_model = None
-        if config.guidance_text_config is not None:
-            text_config = CLIPTextConfig(**config.guidance_text_config)
-            projection_dim = config.guidance_projection_dim
-            self.guidance_text_model = CLIPTextModel(text_config)
-            self.guidance_text_projection = nn.Linear(text_config.hidden_size, projection_dim, bias=False)
-            self.guidance_visual_projection = nn.Linear(
-                config.vision_config.hidden_size, projection_dim, bias=False
-            )
-            self.post_init()
-
-    # ---- per-architecture hooks -----------------------------------------------------------------------------
-    def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
-        """(crops (P, 3, H, W) for the vision tower, crops per image) from the caller's pixel values."""
+    # ---- family hooks ---------------------------------------------------------------------------------------
+    def _encode_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, settings: MethodConfig,
+                       **image_inputs) -> EncodedImages:
+        """Run the vision tower once over the caller's images and lay out each image's placeholder run.
+        image_inputs: the family's other image inputs by name (``_image_inputs`` of the plumbing)."""
         raise NotImplementedError
 
-    def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:
-        """Each image's placeholder run in terms of crop tokens, in the order the stock model fills it."""
+    def _crop_signals(self, encoded: EncodedImages, settings: MethodConfig) -> CropSignals:
+        """Everything a method may read but the text scores, per crop token: (P, N, ...) tensors."""
         raise NotImplementedError
+
+    def _guidance_patches(self, encoded: EncodedImages, signals: CropSignals, settings: MethodConfig) -> torch.Tensor:
+        """(P, N, W) the crop tokens in the space of the question embedding (``_llm_question`` / ``_clip_question``)."""
+        raise NotImplementedError
+
+    def _plan_tokens(self, signals: CropSignals, plan: TokenPlan, pack, settings: MethodConfig) -> torch.Tensor:
+        """(I_g, K, D) the language-model tokens of a plan; pack: the group's ``_signal_packer``. Default: the plan
+        applied to ``signals.projected`` (tokens already in the language model's space): a gather, or the same
+        weighted average for merged tokens."""
+        return apply_plan(pack(signals.projected), plan)
 
     def _image_newline(self) -> torch.Tensor | None:
         """(D,) the embedding of a newline token, or None when layouts have none."""
         return None
-
-    def _num_prefix_tokens(self) -> int:
-        """Tokens before the patches in the vision tower's output: 1 for a [CLS] (CLIP), 0 for none (SigLIP)."""
-        return 1
 
     def _signal_packer(self, layouts: list[ImageLayout], device: torch.device):
         """A function from a per-crop-token signal (P, N, ...) to (I_g, M, ...): each image's non-newline tokens in
@@ -215,16 +200,6 @@ class CompressionPlanner:
             return None if per_crop is None else per_crop.flatten(0, 1)[index]
 
         return gather
-
-    def _plan_tokens(self, signals: "CropSignals", plan: TokenPlan, pack, settings: MethodConfig) -> torch.Tensor:
-        """(I_g, K, D) the language-model tokens of a plan; pack: the group's ``_signal_packer``.
-
-        A selection plan (no merge weights) of patches already projected (stage "projected", or "llm" guidance) is
-        a gather of that projection; merged features must go through the (nonlinear) projector.
-        """
-        if settings.stage == "projected" or (plan.is_selection and signals.projected is not None):
-            return apply_plan(pack(signals.projected), plan)  # (I_g, K, D)
-        return self.model.multi_modal_projector(apply_plan(pack(signals.features), plan))  # (I_g, K, D)
 
     def _position_ids(self, packed: PackedSequence) -> torch.Tensor:
         """Position ids of the rebuilt sequence: the 1-D count over its mask (families with 3-D positions override)."""
@@ -275,94 +250,6 @@ class CompressionPlanner:
         return self.compression_settings(compression).method
 
     # ---- the pre-pass ---------------------------------------------------------------------------------------
-    def _vision_feature_layer(self, vision_feature_layer) -> int:
-        """The feature layer as an index into the tower's hidden states (a one-element list counts as its int)."""
-        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
-        if isinstance(layer, (list, tuple)) and len(layer) == 1:
-            layer = layer[0]
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(
-                f"compression supports a single vision_feature_layer (an int), got {layer!r}; "
-                "use compression={'method': 'none'} for multi-layer features"
-            )
-        num_states = self.config.vision_config.num_hidden_layers + 1  # the embeddings, then each layer's output
-        if not -num_states <= layer < num_states:
-            raise ValueError(
-                f"vision_feature_layer={layer} is out of range for a vision tower with "
-                f"{num_states - 1} layers; expected an int in [-{num_states}, {num_states - 1}]"
-            )
-        return layer
-
-    def _attention_layer_index(self, feature_layer: int, settings: MethodConfig) -> int:
-        """The encoder layer whose [CLS] attention a method reads (see ``_attention_inputs``)."""
-        num_layers = self.config.vision_config.num_hidden_layers
-        requested = getattr(settings, "cls_attention_layer", None)
-        if requested is None:
-            consuming = feature_layer % (num_layers + 1)  # hidden_states[l] is layer l's input
-            producing = getattr(settings, "attention_layer", "consuming") == "producing"
-            return min(max(consuming - producing, 0), num_layers - 1)
-        if -num_layers <= requested < num_layers:
-            return requested % num_layers
-        raise ValueError(
-            f"cls_attention_layer={requested} is out of range for a vision tower with {num_layers} layers; "
-            f"expected an int in [-{num_layers}, {num_layers - 1}]"
-        )
-
-    def _attention_inputs(
-        self, hidden_states: tuple, feature_layer: int, settings: MethodConfig, all_queries: bool = False
-    ):
-        """[CLS] query (P, A) (all_queries: every token's, (P, T, A)) and keys (P, T, A) of every crop, T = prefix + N
-        tokens ([CLS] first when the tower has one), recomputed from the stored hidden states.
-
-        Layer ``l`` of the encoder reads ``hidden_states[l]``; by default the attention layer is the one that reads
-        the feature layer's output (for LLaVA's -2, the last layer), or the last layer when the features are the
-        final output; a method whose settings say ``attention_layer="producing"`` (FasterVLM) reads the layer that
-        produces it instead (for -2, the one before the last). The layer's own pre-norm and q/k projections are
-        applied, so no hooks and no ``output_attentions`` are needed and SDPA/FlashAttention stay on.
-        """
-        tower = self.model.vision_tower
-        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-        if encoder is None or not hasattr(encoder, "layers"):
-            raise ValueError(
-                f"{settings.method!r} reads vision attention, which needs a CLIP/SigLIP-style vision tower with an "
-                f"encoder of attention layers; got {type(tower).__name__}"
-            )
-        layer_index = self._attention_layer_index(feature_layer, settings)
-        layer = encoder.layers[layer_index]
-        normed = layer.layer_norm1(hidden_states[layer_index])  # (P, T, C)
-        query = layer.self_attn.q_proj(normed if all_queries else normed[:, 0])  # (P, T, A) or (P, A)
-        keys = layer.self_attn.k_proj(normed)  # (P, T, A)
-        return query, keys, layer.self_attn.num_heads
-
-    def _crop_importance(
-        self, hidden_states: tuple, feature_layer: int, settings: MethodConfig
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Per crop token: (importance per head (P, N), importance joint (P, N), keys (P, N, A), num_heads).
-
-        ``config.importance_score`` picks the score: ``"cls_attention"`` (each crop's own [CLS] attention, softmax over
-        that crop) or ``"received_attention"`` (the mean attention each token receives from all tokens of its crop,
-        averaged over queries and heads; for towers without [CLS]); None = [CLS] attention when the tower has a
-        [CLS], else received attention. "per head" softmaxes each head (FasterVLM, PruMerge); "joint" one softmax
-        over all heads concatenated (RC's released code).
-        """
-        prefix = self._num_prefix_tokens()
-        kind = importance_score_kind(getattr(self.config, "importance_score", None), prefix)
-        query, keys, num_heads = self._attention_inputs(
-            hidden_states, feature_layer, settings, all_queries=kind == "received_attention"
-        )
-        if kind == "cls_attention":
-            # Each crop's own [CLS] attention, softmax over that crop ([CLS] + all its N patches).
-            crops = CompressionInputs(  # cls_attention reads only the query and keys
-                features=keys, cls_query=query, attention_keys=keys, num_heads=num_heads
-            )
-            per_head = cls_attention(crops, per_head=True)  # (P, N)
-            joint = cls_attention(crops, per_head=False)  # (P, N)
-        else:
-            sinks = getattr(self.config, "attention_sinks", 0) or 0
-            per_head = received_attention(query, keys, num_heads, per_head=True, num_sinks=sinks)[:, prefix:]
-            joint = received_attention(query, keys, num_heads, per_head=False, num_sinks=sinks)[:, prefix:]
-        return per_head, joint, keys[:, prefix:], num_heads
-
     def _llm_question(
         self,
         input_ids: torch.Tensor,
@@ -431,29 +318,6 @@ class CompressionPlanner:
         target = torch.where(is_image, image_index, torch.full_like(image_index, num_images))
         image_row = torch.zeros(num_images + 1, dtype=torch.long, device=is_image.device)
         return image_row.scatter(0, target.flatten(), rows.flatten())[:num_images]
-
-    def _crop_signals(self, encoded: EncodedImages, settings: MethodConfig) -> CropSignals:
-        """Everything the method may read but the text scores, for every crop token: (P, N, ...) tensors."""
-        hidden_states, feature_layer = encoded.state["hidden_states"], encoded.state["feature_layer"]
-        features = hidden_states[feature_layer][:, self._num_prefix_tokens() :]  # (P, N, C) patch tokens only
-        signals = CropSignals(features=features)
-        if settings.stage == "projected" or settings.guidance_source == "llm":
-            signals.projected = self.model.multi_modal_projector(features)  # (P, N, D)
-        if settings.needs_attention:
-            with torch.no_grad():
-                importance = self._crop_importance(hidden_states, feature_layer, settings)
-            signals.attention_per_head, signals.attention_joint, signals.keys, signals.num_heads = importance
-        return signals
-
-    def _guidance_patches(self, encoded: EncodedImages, signals: CropSignals, settings: MethodConfig) -> torch.Tensor:
-        """(P, N, W) the crop tokens in the space of the question embedding (``_llm_question`` / ``_clip_question``)."""
-        if settings.guidance_source == "llm":
-            return signals.projected.detach()  # (P, N, D)
-        # CLIP's own image-text space: the final layer's patch tokens, post-norm, visual projection.
-        final_patches = self.model.vision_tower.post_layernorm(
-            encoded.state["hidden_states"][-1][:, self._num_prefix_tokens() :]
-        )  # (P, N, C)
-        return self.guidance_visual_projection(final_patches)  # (P, N, W)
 
     def _compress_group(
         self,
@@ -524,45 +388,6 @@ class CompressionPlanner:
         absorbed = torch.cat([absorbed, absorbed.new_zeros(num_images, num_newlines, absorbed.shape[-1])], dim=1)
         absorbed = absorbed.gather(1, order.unsqueeze(-1).expand(-1, -1, absorbed.shape[-1]))  # (I_g, K + R, M)
         return tokens, TokenPlan(source_index=source, counts=plan.counts + num_newlines), absorbed
-
-    def _encode_images(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        settings: MethodConfig,
-        vision_feature_layer: int | None = None,
-        vision_feature_select_strategy: str | None = None,
-        image_sizes: torch.Tensor | None = None,
-    ) -> EncodedImages:
-        """The vision tower once over every crop of every image (``_image_crops``), and each image's layout
-        (``_image_token_layouts``). The family's image inputs arrive as keywords (``_image_inputs``)."""
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        expected_strategy = "default" if self._num_prefix_tokens() else "full"
-        if strategy != expected_strategy:
-            raise ValueError(
-                f"compression needs vision_feature_select_strategy={expected_strategy!r} (the patch tokens, without "
-                f"[CLS]) for this model, got {strategy!r}"
-            )
-        feature_layer = self._vision_feature_layer(vision_feature_layer)
-        attention_layer = self._attention_layer_index(feature_layer, settings) if settings.needs_attention else None
-        crops, crops_per_image = self._image_crops(pixel_values, image_sizes)
-        layouts = self._image_token_layouts(crops_per_image, image_sizes)
-        vision_tower = self.model.vision_tower
-        hidden_states = vision_tower(
-            crops.to(vision_tower.dtype), output_hidden_states=True, return_dict=True
-        ).hidden_states
-        read_states = {feature_layer % len(hidden_states)} | ({attention_layer} if attention_layer is not None else set())
-        non_finite = torch.stack([(~hidden_states[index].isfinite()).any() for index in sorted(read_states)]).any()
-        run_lengths = [layout.token_index.shape[0] for layout in layouts]
-        per_image = f"{run_lengths[0]} patches each" if len(set(run_lengths)) == 1 else f"{run_lengths} tokens"
-        return EncodedImages(
-            layouts=layouts,
-            crops_per_image=crops_per_image,
-            non_finite=non_finite,
-            description=f"pixel_values holds {len(layouts)} image(s) of {per_image}",
-            device=hidden_states[0].device,
-            state={"hidden_states": hidden_states, "feature_layer": feature_layer},
-        )
 
     def _language_model_batch(
         self,
