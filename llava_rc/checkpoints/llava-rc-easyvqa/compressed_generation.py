@@ -223,7 +223,7 @@ class CompressedGenerationMixin(CompressionPlanner):
             return outputs
         self._refuse_embeddings(input_ids, kwargs)
         if kwargs.get("assistant_model") is not None:
-            raise ValueError("assisted decoding is not supported with compression (it cannot start from embeddings)")
+            raise ValueError("assisted decoding is not supported with compression")
 
         kwargs.pop("pixel_values")
         attention_mask = kwargs.pop("attention_mask", None)
