@@ -109,8 +109,7 @@ class CompressedGenerationMixin(CompressionPlanner):
             )
 
     def _refuse_embeddings(self, input_ids, inputs: dict, hint: str = "") -> None:
-        given = [name for name in self._embedding_inputs if inputs.get(name) is not None]
-        if input_ids is None or given:
+        if input_ids is None or any(inputs.get(name) is not None for name in self._embedding_inputs):
             raise ValueError(
                 f"compression needs input_ids (to find the image placeholders) and no "
                 f"{' or '.join(self._embedding_inputs)}{hint}"
