@@ -60,7 +60,7 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
     def _init_guidance_modules(self, config) -> None:
         self.guidance_text_model = None  # no CLIP text tower: "clip" guidance is refused by the config
 
-    # ---- family hooks ---------------------------------------------------------------------------------------
+    # ---- the model's hooks ----------------------------------------------------------------------------------
     def _importance_block(self) -> int:
         raise NotImplementedError
 
@@ -70,7 +70,7 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
     def _apply_rotary(self, query, key, cos, sin):
         raise NotImplementedError
 
-    # ---- encode ---------------------------------------------------------------------------------------------
+    # ---- planning hooks -------------------------------------------------------------------------------------
     def _merge_unit_importance(
         self, block_input: torch.Tensor, grid_thw: torch.Tensor, sizes: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
