@@ -42,9 +42,10 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .compressed_generation import CompressedGenerationMixin
-from .compression_common import MethodConfig
+from .compression_common import MethodConfig, TokenPlan
 from .configuration_qwen_vl_rc import Qwen2_5_VLRCConfig, Qwen3VLRCConfig
 from .planning import CompressedBatch, CropSignals, EncodedImages, ImageLayout, host_to_device
+from .sequence_packing import PackedSequence
 from .vision_importance import received_attention
 
 
@@ -198,7 +199,15 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         """"llm" guidance: the image tokens live in the language model's input space already."""
         return signals.features.detach()  # (I, N_max, D)
 
-    def _language_model_batch(self, encoded, packed, image_tokens, plan, input_ids, attention_mask) -> dict:
+    def _language_model_batch(
+        self,
+        encoded: EncodedImages,
+        packed: PackedSequence,
+        image_tokens: torch.Tensor,
+        plan: TokenPlan,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> dict:
         """3-D positions (stock ``get_rope_index`` on the uncompressed sequence, at the columns each kept token came
         from), ``rope_deltas``, and the kept tokens as the stock encoder output (``mm_encoder_outputs``)."""
         vision = encoded.state["vision"]
