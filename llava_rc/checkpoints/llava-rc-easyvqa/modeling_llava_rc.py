@@ -251,7 +251,7 @@ class LlavaOnevisionRCForConditionalGeneration(LlavaFamilyMixin, LlavaOnevisionF
         super().__init__(config)
         self._init_guidance_modules(config)
 
-    # ---- the stock image inputs -----------------------------------------------------------------------------
+    # ---- the stock image inputs ----------------------------------------------------------------------------
     def image_geometry(self, image_sizes, batch_num_images=None, vision_aspect_ratio=None) -> OnevisionImageGeometry:
         """The geometry of the images from the stock inputs (``batch_num_images`` None: every image patched)."""
         if image_sizes is None:
@@ -361,7 +361,7 @@ class LlavaOnevisionRCForConditionalGeneration(LlavaFamilyMixin, LlavaOnevisionF
             return apply_plan(pack(projected), plan)  # (I_g, K, D)
         return super()._plan_tokens(signals, plan, pack, settings)
 
-    # ---- plumbing hooks: the stock OneVision inputs ---------------------------------------------------------
+    # ---- plumbing hooks: the stock OneVision inputs --------------------------------------------------------
     _image_inputs = (
         "vision_feature_layer", "vision_feature_select_strategy", "image_sizes", "batch_num_images", "vision_aspect_ratio"
     )
