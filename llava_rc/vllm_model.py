@@ -154,7 +154,9 @@ class LlavaRCProcessingInfo(BaseProcessingInfo):
         width, height = self.get_image_size_with_most_features()
         return {"image": self.get_num_image_tokens(image_width=width, image_height=height)}
 
-    def image_views(self, image_width: int, image_height: int, images_in_prompt: int = 1) -> tuple[tuple[int, int], ...]:
+    def image_views(
+        self, image_width: int, image_height: int, images_in_prompt: int = 1
+    ) -> tuple[tuple[int, int], ...]:
         """The raster views of an image's non-newline tokens (LLaVA-1.5: one N-patch grid). images_in_prompt: how
         many images the image's prompt holds (only OneVision reads it)."""
         vision_config = self.get_hf_config().vision_config
@@ -284,7 +286,9 @@ class LlavaNextRCProcessingInfo(LlavaRCProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         return sum(self._counts(image_width, image_height))
 
-    def image_views(self, image_width: int, image_height: int, images_in_prompt: int = 1) -> tuple[tuple[int, int], ...]:
+    def image_views(
+        self, image_width: int, image_height: int, images_in_prompt: int = 1
+    ) -> tuple[tuple[int, int], ...]:
         base, grid, rows = self._counts(image_width, image_height)
         side = self.get_hf_config().vision_config.image_size // self.get_hf_config().vision_config.patch_size
         return ((side, side), (rows, grid // rows)) if rows else ((side, side),)
@@ -370,7 +374,9 @@ class LlavaOnevisionRCProcessingInfo(LlavaNextRCProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         return sum(self._onevision_counts(image_width, image_height, 1))
 
-    def image_views(self, image_width: int, image_height: int, images_in_prompt: int = 1) -> tuple[tuple[int, int], ...]:
+    def image_views(
+        self, image_width: int, image_height: int, images_in_prompt: int = 1
+    ) -> tuple[tuple[int, int], ...]:
         base, grid, rows = self._onevision_counts(image_width, image_height, images_in_prompt)
         side = self.get_hf_config().vision_config.image_size // self.get_hf_config().vision_config.patch_size
         return ((side, side), (rows, grid // rows)) if grid else ((side, side),)
@@ -388,7 +394,8 @@ class LlavaOnevisionRCProcessingInfo(LlavaNextRCProcessingInfo):
         most = 0
         for height, width in config.image_grid_pinpoints:
             rows, cols = height // vision_config.image_size * side, width // vision_config.image_size * side
-            for grid_rows, grid_cols in [(r, cols) for r in range(1, rows + 1)] + [(rows, c) for c in range(1, cols + 1)]:
+            unpadded = [(r, cols) for r in range(1, rows + 1)] + [(rows, c) for c in range(1, cols + 1)]
+            for grid_rows, grid_cols in unpadded:
                 most = max(most, sum(onevision_grid_tokens(config, grid_rows, grid_cols)))
         return {"image": side * side + most}
 

@@ -255,3 +255,26 @@ def llm_guidance(reference, question: str):
     ids = reference.tokenizer(prompt(question), return_tensors="pt")["input_ids"][0]
     text = ids[ids != reference.model.config.image_token_id]
     return [text], [text.new_ones(text.shape)]
+
+
+def test_onevision_counts_equal_the_stock_processors_for_many_sizes():
+    """The plugin's per-image count (``onevision_token_counts``) equals the stock processor's for image sizes from 1
+    to 140 px a side in steps of 3 (wide, tall, unpadded, downsampled); the engine's per-item bound covers them."""
+    from transformers import LlavaOnevisionConfig
+
+    from llava_rc.vllm_model import LlavaOnevisionRCProcessingInfo, onevision_token_counts
+    from tiny_onevision import IMAGE_SIZE, stock_token_counter, tiny_onevision_config_dict
+
+    config = LlavaOnevisionConfig(**tiny_onevision_config_dict())
+    counter = stock_token_counter()
+    info = LlavaOnevisionRCProcessingInfo.__new__(LlavaOnevisionRCProcessingInfo)
+    info.get_hf_config = lambda: config
+    bound = info.get_mm_max_tokens_per_item(512, {"image": 1})["image"]
+    most = 0
+    for height in range(1, 141, 3):
+        for width in range(1, 141, 3):
+            count = sum(onevision_token_counts(config, height, width))
+            assert count == counter._get_number_of_features(height, width, IMAGE_SIZE, IMAGE_SIZE), (height, width)
+            most = max(most, count)
+    assert most <= bound
+    assert onevision_token_counts(config, 112, 112, patched=False) == (16, 0, 1)
