@@ -6,7 +6,10 @@ Imported only by vLLM (through ``llava_rc.vllm_plugin``); docs/serving.md is the
   encoder runs. With a budget the count is known there: ``MethodConfig.fixed_count`` of the image's views (the
   budget clamped to the image's patches; G-Prune's per-view rule), plus the image's newline tokens (NeXT/OneVision;
   they depend only on the image size). Settings without a budget (adaptive RC/PruMerge) are refused with a
-  ValueError that says to set one.
+  ValueError that says to set one. OneVision (``onevision_token_counts``): a one-image prompt reads the base view and
+  the unpadded grid, downsampled past ``vision_aspect_ratio``; a prompt with several images reads each one's base
+  view and one newline, so the prompt's image count is hashed with each image (``IMAGES_KEY``).
+- **Image embeddings** (``image_embeds``) are refused with a ValueError: the methods need the tower's attention.
 - **Settings per request.** ``config.compression`` (``hf_overrides={"compression": {...}}`` replaces it for a whole
   engine), updated by a request's ``mm_processor_kwargs={"compression": {...}}`` with the rule of
   ``generate(compression=...)`` (``compression_registry.update_compression``). The processor hands the validated
@@ -56,7 +59,7 @@ from .modeling_llava_rc import LlavaNextRCForConditionalGeneration, LlavaOnevisi
 from .modeling_llava_rc import LlavaRCForConditionalGeneration, OnevisionImageGeometry, anyres_token_counts
 from .processing_llava_rc import extract_question
 
-# mm_processor_kwargs keys of this plugin: the per-request settings, and the question the processor adds.
+# mm_processor_kwargs keys of this plugin: the per-request settings, and what the processor adds of the prompt.
 COMPRESSION_KEY = "compression"
 QUESTION_KEY = "llava_rc_question"
 IMAGES_KEY = "llava_rc_images_in_prompt"  # OneVision: a prompt with several images reads only their base views
@@ -113,7 +116,7 @@ def per_item(value) -> list[torch.Tensor]:
 def refuse_image_embeddings(mm_items) -> None:
     """Image embeddings (``image_embeds``) cannot be compressed: every method reads the vision tower's attention
     (or its features before the projector), which precomputed embeddings no longer carry."""
-    items = mm_items.get("image") if hasattr(mm_items, "get") else None
+    items = mm_items.get("image")
     if items is None or isinstance(items, ImageProcessorItems):
         return
     shapes = []

@@ -19,7 +19,7 @@ from tiny_next import random_next_image, tiny_next_config_dict, tiny_next_proces
 # vLLM's CPU attention supports head sizes of 32 and up: the tiny language model gets 2 heads of 32.
 TEXT_FOR_VLLM = dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=2)
 NEXT_COMPRESSION = {"method": "cls_attention", "budget": 6}
-NEXT_SIZES = [(56, 56), (20, 56), (60, 30), (28, 28)]
+NEXT_SIZES = [(56, 56), (20, 56), (60, 30), (28, 28), (2, 56)]  # (2, 56): its unpadded grid has no row
 LOGPROB_TOLERANCE = 2e-3
 
 
@@ -84,8 +84,9 @@ def test_next_repo_answers_equal_generate_batched_and_with_two_images(next_repo)
 
 # ---- LLaVA-OneVision ----------------------------------------------------------------------------------------------
 ONEVISION_COMPRESSION = {"method": "cls_attention", "budget": 6}
-# (height, width): 2 x 2 crops; wide and unpadded; tall; 3 x 4 and 4 x 4 grids, bilinearly downsampled.
-ONEVISION_SIZES = [(56, 56), (20, 56), (60, 30), (84, 112), (112, 112)]
+# (height, width): 2 x 2 crops; wide and unpadded; tall; 3 x 4 and 4 x 4 grids, bilinearly downsampled; so wide that
+# its unpadded grid has no row (the base view alone).
+ONEVISION_SIZES = [(56, 56), (20, 56), (60, 30), (84, 112), (112, 112), (2, 56)]
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def test_onevision_repo_answers_and_prompt_lengths_equal_generate(onevision_repo
     images = [random_onevision_image(seed, *size) for seed, size in enumerate(ONEVISION_SIZES)]
     updates = [{}, {"budget": 0.5}, {"method": "rc", "budget": 5}, {"method": "rc", "budget": 7, "guidance": "llm"},
                {"method": "gprune", "budget": 8}, {"method": "prumerge_plus", "budget": 7},
-               {"method": "trsm", "budget": 6, "guidance": "llm"}, {"method": "random", "budget": 4},
+               {"method": "prumerge", "budget": 5}, {"method": "trsm", "budget": 6, "guidance": "llm"}, {"method": "random", "budget": 4},
                {"method": "none"}]
     requests, expected, labels = [], [], []
     for update in updates:
