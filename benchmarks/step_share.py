@@ -9,8 +9,9 @@ after a warm-up, ``--repeats`` times, and their medians are reported:
 - the vision tower alone over every crop of the image;
 - the step: RC's ``compress_inputs`` with its tower call replayed from the first call (``replayed_tower``), i.e.
   everything RC does after the tower: the importance read from the tower's states, the projector, the method, the
-  plan applied to the tokens and the batch rebuilt around them. The stock model runs the projector too, so this
-  overstates the step by the projector's time, which is timed as well (``projector``) and reported beside it.
+  plan applied to the tokens and the batch rebuilt around them. The stock model runs the projector over every
+  token, so the step's net cost over stock is the step minus that projector call (timed too: ``projector``); it can
+  be negative, since RC projects only the tokens it keeps where its method reads the tower's own features.
 Before timing, the replayed call's rebuilt embeddings are checked equal to a normal call's.
 
 Share = step / RC's TTFT. Goal (issue 28): <= 5% at batch 1 on both geometries, on a quiet machine: the load
@@ -139,7 +140,7 @@ def measure_geometry(name: str, variants: list[str] | None, repeats: int, device
 def table(result: dict) -> list[str]:
     clock = result["settings"]["clock"]
     lines = [
-        "| geometry | variant | stock TTFT | RC TTFT | stock / RC | step | step without projector | step / RC TTFT | "
+        "| geometry | variant | stock TTFT | RC TTFT | stock / RC | step | step - stock projector | step / RC TTFT | "
         "step / tower | load average (start; end) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -159,8 +160,9 @@ def table(result: dict) -> list[str]:
             f"Batch 1, one new token, {result['settings']['repeats']} alternating repeats after a warm-up, medians "
             f"({clock}); {result['device']}, float32, SDPA, torch {result['torch']}, transformers "
             f"{result['transformers']} (`benchmarks/results/step_share_cpu.json`). The step is RC's `compress_inputs` "
-            "with the tower replayed (importance, projector, method, plan, batch rebuild); the stock model also runs "
-            "the projector, so the column without it is the step's own cost. Largest share "
+            "with the tower replayed (importance, projector, method, plan, batch rebuild); the stock model runs the "
+            "projector over every token, so step - stock projector is the step's net cost over stock (negative where "
+            "RC projects only the tokens it keeps). The share counts the whole step. Largest share "
             f"{worst:.1%} (goal <= {GOAL:.0%}: {'met' if worst <= GOAL else 'not met'}). " + measured_at(result)
         ),
     ]
