@@ -299,8 +299,11 @@ class PreparedBatch:
     kinds: list[str]
 
 
-def prepare_batches(processor, scenes, examples: list[Example], batch_size: int = 32) -> list[PreparedBatch]:
-    """Tokenized prompts and pixels of ``examples`` (whose scenes are in ``scenes``), ``batch_size`` at a time."""
+def prepare_batches(
+    processor, scenes, examples: list[Example], batch_size: int = 32, prompt: str = PROMPT
+) -> list[PreparedBatch]:
+    """Tokenized prompts and pixels of ``examples`` (whose scenes are in ``scenes``), ``batch_size`` at a time;
+    ``prompt`` has a ``{question}`` field (the LLaVA prompt by default)."""
     by_key = {scene.key: scene for scene in scenes}
     images: dict[str, Image.Image] = {}
     batches = []
@@ -311,7 +314,7 @@ def prepare_batches(processor, scenes, examples: list[Example], batch_size: int 
             if example.image_key not in images:
                 images[example.image_key] = by_key[example.image_key].image()
             pictures.append(images[example.image_key])
-        prompts = [PROMPT.format(question=example.question) for example in chunk]
+        prompts = [prompt.format(question=example.question) for example in chunk]
         inputs = processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
         batches.append(PreparedBatch(dict(inputs), [e.answer for e in chunk], [e.kind for e in chunk]))
     return batches
@@ -340,8 +343,8 @@ def evaluate(model, processor, batches: list[PreparedBatch], compression: dict |
             in_order.append(guess == answer)
         if getattr(outputs, "compression", None) is not None:
             kept.append(outputs.compression.kept_counts.float().cpu())
-        else:
-            kept.append(torch.full((len(batch.answers),), float(model.config.image_seq_length)))
+        else:  # compression off: every image token (Qwen's per-image count depends on the image's size)
+            kept.append((inputs["input_ids"] == model.config.image_token_id).sum(dim=-1).float().cpu())
     everything = [hit for hits in correct.values() for hit in hits]
     kept_counts = torch.cat(kept)
     return {

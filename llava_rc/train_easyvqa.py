@@ -363,15 +363,27 @@ def dropout_tokens(features: torch.Tensor, count: int, merge: bool, generator: t
     remaining patches weighted by their [CLS] attention, at the end): a model trained on dropout alone lost 3 points
     on easy-VQA to that one token (RC at 50% of the tokens: 88.2% with it, 91.2% without, full tokens 91.0%).
     """
-    order = torch.randperm(len(features), generator=generator)
-    count = min(max(count, 1), len(features))
-    tokens = features[order[:count].sort().values].float()  # (count, C)
-    if not merge or count == len(features):
+    kept, dropped, weights = dropout_selection(len(features), count, merge, generator)
+    tokens = features[kept].float()  # (count, C)
+    if dropped is None:
         return tokens
-    dropped = features[order[count:]].float()  # (M, C)
+    return torch.cat([tokens, (weights @ features[dropped].float()).unsqueeze(0)])
+
+
+def dropout_selection(
+    num_tokens: int, count: int, merge: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What ``dropout_tokens`` keeps of ``num_tokens``: (kept indices (K,) ascending, dropped indices (M,), their
+    merge weights (M,)); the last two None without ``merge`` or when every token is kept."""
+    order = torch.randperm(num_tokens, generator=generator)
+    count = min(max(count, 1), num_tokens)
+    kept = order[:count].sort().values  # (K,) raster order
+    if not merge or count == num_tokens:
+        return kept, None, None
+    dropped = order[count:]  # (M,)
     weights = torch.rand(len(dropped), generator=generator)
     weights *= torch.rand(1, generator=generator) / weights.sum()
-    return torch.cat([tokens, (weights @ dropped).unsqueeze(0)])
+    return kept, dropped, weights
 
 
 def answer_weight_exponent(progress: float) -> float:
@@ -413,11 +425,15 @@ def answer_weights(examples, groups=None) -> list[float]:
     ]
 
 
-def qa_blocks(tokenizer, examples, weights) -> list[tuple[list[int], int, float]]:
-    """Each example's question+answer block ids (after the image), where its answer starts, and its loss weight."""
+def qa_blocks(
+    tokenizer, examples, weights, question_template: str = "\n{question} ASSISTANT:"
+) -> list[tuple[list[int], int, float]]:
+    """Each example's question+answer block ids (after the image), where its answer starts, and its loss weight.
+
+    ``question_template``: the prompt's text from the end of the image to the answer."""
     blocks = []
     for example, weight in zip(examples, weights):
-        question = tokenizer(f"\n{example.question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+        question = tokenizer(question_template.format(question=example.question), add_special_tokens=False)["input_ids"]
         answer = tokenizer(f" {example.answer}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         blocks.append((question + answer, len(question), weight))
     return blocks
@@ -796,9 +812,9 @@ def refresh_code(checkpoint: Path) -> None:
 REMOTE_CODE_ENTRIES = ("configuration_llava_rc.py", "modeling_llava_rc.py", "processing_llava_rc.py")
 
 
-def remote_code_files(package: Path) -> list[str]:
+def remote_code_files(package: Path, entries: tuple[str, ...] = REMOTE_CODE_ENTRIES) -> list[str]:
     """The package files a remote-code checkpoint needs: the entry files and their relative imports, transitively."""
-    needed, pending = set(), list(REMOTE_CODE_ENTRIES)
+    needed, pending = set(), list(entries)
     while pending:
         name = pending.pop()
         if name in needed:
