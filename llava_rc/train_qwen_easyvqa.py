@@ -374,6 +374,13 @@ def train_language_model(
     return True
 
 
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen's split of the rotary frequencies over (t, h, w), [16, 24, 24] of 64 at head_dim 128, scaled to
+    ``head_dim`` (h and w 3/16 of it each, t the rest of head_dim / 2)."""
+    spatial = 3 * head_dim // 16
+    return [head_dim // 2 - 2 * spatial, spatial, spatial]
+
+
 def model_config(tokenizer, vision_width: int = 64, hidden_size: int = 128) -> Qwen2_5_VLRCConfig:
     ids = tokenizer.convert_tokens_to_ids
     head_dim = hidden_size // 4
@@ -398,8 +405,7 @@ def model_config(tokenizer, vision_width: int = 64, hidden_size: int = 128) -> Q
             num_attention_heads=4,
             num_key_value_heads=4,
             max_position_embeddings=512,
-            # Qwen's split of the rotary frequencies over (t, h, w), [16, 24, 24] of 64 at head_dim 128, scaled down
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(head_dim)},
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=None,
