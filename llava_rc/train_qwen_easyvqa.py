@@ -459,11 +459,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-mosaics", type=int, default=6000)
     parser.add_argument("--vit-steps", type=int, default=400)
     parser.add_argument("--vit-batch-size", type=int, default=32)
-    parser.add_argument("--lm-steps", type=int, default=2000)
-    parser.add_argument("--lm-batch-size", type=int, default=16)
-    parser.add_argument("--lm-max-blocks", type=int, default=8, help="question-answer blocks per image and step")
+    parser.add_argument("--lm-steps", type=int, default=3000)
+    parser.add_argument("--lm-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--lm-max-blocks", type=int, default=0, help="question-answer blocks per image and step (0: all, as LLaVA's)"
+    )
+    parser.add_argument("--lm-hidden-size", type=int, default=64, help="width of the 3-layer Qwen2 language model")
     parser.add_argument("--lm-attempts", type=int, default=2)
-    parser.add_argument("--position-check-step", type=int, default=600)
+    parser.add_argument("--position-check-step", type=int, default=700)
     parser.add_argument("--eval-questions", type=int, default=1000, help="questions per test set in the final report")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -492,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     targets = patch_targets(scenes)
     timings["pixels_s"] = time.perf_counter() - started
 
-    config = model_config(processor.tokenizer)
+    config = model_config(processor.tokenizer, hidden_size=args.lm_hidden_size)
     torch.manual_seed(args.seed)
     tower = Qwen2_5_VLRCForConditionalGeneration(config).model.visual
     stage = time.perf_counter()
@@ -522,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
         if train_language_model(
             model, processor.tokenizer, features, scenes, args.lm_steps, args.lm_batch_size, seed, autocast,
             check=(args.position_check_step, check),
-            max_blocks=args.lm_max_blocks,
+            max_blocks=args.lm_max_blocks or None,
         ):
             break
     timings["lm_s"] = time.perf_counter() - stage
