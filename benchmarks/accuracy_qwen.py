@@ -43,20 +43,33 @@ def settings_to_run() -> list[tuple[str, dict]]:
     return runs
 
 
-def llava_side_by_side(rows: list[dict]) -> list[str]:
-    """The same settings on the LLaVA model (benchmarks/results/accuracy.json), where both measured them: a line
-    per budget with the mosaic accuracy of each family."""
+def llava_rows() -> dict:
+    """The mosaic rows of the LLaVA table (benchmarks/results/accuracy.json) at this table's settings, copied into
+    this result when it is measured (so its tables do not change when the LLaVA result is regenerated)."""
     if not LLAVA_RESULT.exists():
-        return []
-    llava = {row["key"]: row for row in json.loads(LLAVA_RESULT.read_text())["rows"]}
+        return {}
+    keys = {key for key, _ in settings_to_run()}
+    result = json.loads(LLAVA_RESULT.read_text())
+    commit = result.get("provenance", {}).get("commit", "")[:10]
+    return {
+        row["key"]: {"kept_mean": row["mosaic_test"]["kept_mean"], "accuracy": row["mosaic_test"]["accuracy"],
+                     "commit": commit}
+        for row in result["rows"] if row["key"] in keys
+    }
+
+
+def llava_side_by_side(result: dict) -> list[str]:
+    """The same settings on the LLaVA model, where both measured them: a line per setting with the mosaic accuracy
+    of each family."""
+    llava = result.get("llava_mosaic_rows", {})
     lines = []
-    for row in rows:
+    for row in result["rows"]:
         other = llava.get(row["key"])
         if other is None or row["budget"] is None:
             continue
         lines.append(
-            f"| `{row['method']}` {row['budget']:.0%} | {other['mosaic_test']['kept_mean']:.0f} of 144 patches: "
-            f"{other['mosaic_test']['accuracy']:.1%} | {row['mosaic_test']['kept_mean']:.0f} of 36 merged tokens "
+            f"| {settings_label(row['settings'], {})} | {other['kept_mean']:.0f} of 144 patches: "
+            f"{other['accuracy']:.1%} | {row['mosaic_test']['kept_mean']:.0f} of 36 merged tokens "
             f"({4 * row['mosaic_test']['kept_mean']:.0f} patches): {row['mosaic_test']['accuracy']:.1%} |"
         )
     if not lines:
@@ -66,8 +79,9 @@ def llava_side_by_side(rows: list[dict]) -> list[str]:
         "|---|---|---|",
         *lines,
         "",
-        "The LLaVA column is `benchmarks/results/accuracy.json` (its text-guided rows read CLIP's text tower; on Qwen "
-        "the same settings run without guidance).",
+        "The LLaVA column is `benchmarks/results/accuracy.json` as it was when this table was measured (commit "
+        f"{next(iter(llava.values()))['commit']}; its text-guided rows read CLIP's text tower, on Qwen the same "
+        "settings run without guidance).",
     ]
 
 
@@ -102,7 +116,7 @@ def generated_sections(result: dict) -> dict[str, list[str]]:
     every_row = [table_row(row["label"], row) for row in result["rows"]]
     return {
         "accuracy-qwen": [*header, *summary, "", source],
-        "accuracy-qwen-table": [*header, *every_row, "", source, "", paired, "", *llava_side_by_side(result["rows"])],
+        "accuracy-qwen-table": [*header, *every_row, "", source, "", paired, "", *llava_side_by_side(result)],
     }
 
 
@@ -164,6 +178,7 @@ def main() -> None:
         "seconds": time.perf_counter() - run_started,
         "loadavg": os.getloadavg(),
         "rows": rows,
+        "llava_mosaic_rows": llava_rows(),
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     result = write_result(args.output_dir / "accuracy_qwen.json", result, extra_sources=checkpoint_sources(args.checkpoint))
