@@ -39,7 +39,8 @@ LEGACY_COMMANDS = {
     "gprune_scaling_cpu.json": "OMP_NUM_THREADS=1 python benchmarks/gprune_scaling.py --with-previous --sizes 576 1152 "
     "2880 5760 --batch-sizes 1 --repeats 3",
     # runs in the vLLM virtual environment (see the vLLM plugin's docs), not the project's
-    "vllm_serving_cpu.json": "python benchmarks/vllm_serving.py --output benchmarks/results/vllm_serving_cpu.json",
+    "vllm_serving_cpu.json": "python benchmarks/vllm_serving.py --output benchmarks/results/vllm_serving_cpu.json "
+    "--update-readme",
 }
 
 

@@ -12,11 +12,15 @@ Plugin overhead (inside the engine, on the same model, one batch of ``--overhead
 split) against the transformers pre-pass alone (``compress_inputs`` on prepared rows), and against the stock path.
 The load average is recorded beside the numbers.
 
-    python benchmarks/vllm_serving.py --output benchmarks/results/vllm_serving_cpu.json           # CPU, cpu-small
-    python benchmarks/vllm_serving.py --geometry llava-1.5-7b --dtype float16 --output out.json   # GPU
+    python benchmarks/vllm_serving.py --output benchmarks/results/vllm_serving_cpu.json --update-readme  # CPU
+    python benchmarks/vllm_serving.py --geometry llava-1.5-7b --dtype float16 --output out.json        # GPU
+
+``--update-readme`` regenerates the table of docs/serving.md from the result written; ``--readme-only`` from the
+committed ``benchmarks/results/vllm_serving_cpu.json``.
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -34,7 +38,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_result  # noqa: E402  (benchmarks/bench_common.py)
+from bench_common import RESULTS, measured_at, write_readme_section, write_result  # noqa: E402  (bench_common.py)
 from latency import GEOMETRIES, config_kwargs, random_init_  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +49,8 @@ VARIANTS = {
     "rc-64": {"method": "rc", "budget": 64, "guidance": "llm"},
 }
 QUESTION = "what is the color of the shape?"
+CPU_RESULT = "vllm_serving_cpu.json"
+CPU_COMMAND = f"python benchmarks/vllm_serving.py --output benchmarks/results/{CPU_RESULT} --update-readme"
 
 
 def write_repo(directory: Path, geometry: str, dtype: torch.dtype) -> None:
@@ -146,8 +152,18 @@ def main() -> None:
     parser.add_argument("--overhead-images", type=int, default=8, help="images in the encoder-overhead batch")
     parser.add_argument("--overhead-repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--update-readme", action="store_true",
+                        help="regenerate the docs/serving.md table from the result written")
+    parser.add_argument("--readme-only", action="store_true",
+                        help=f"only regenerate the docs/serving.md table from benchmarks/results/{CPU_RESULT}")
     args = parser.parse_args()
+    if args.readme_only:
+        for marker, lines in committed_sections().items():
+            write_readme_section(marker, lines)
+        return
+    if args.output is None:
+        raise SystemExit("--output is required (the results JSON to write), unless --readme-only")
     if "stock" not in args.variants:
         raise SystemExit("--variants must include stock (the ratios are against it)")
 
@@ -222,7 +238,9 @@ def main() -> None:
             "generates max_tokens tokens. TTFT from vLLM's request metrics (first_token_latency)."
         ),
     }
-    write_result(args.output, result)
+    result = write_result(args.output, result)
+    if args.update_readme:
+        write_readme_section("vllm_serving", serving_table(result, args.output))
     for name in args.variants:
         summary = variants[name]
         print(f"{name:18s} prompt {summary['prompt_tokens']:4d}  req/s {summary['requests_per_s']:.3f} "
@@ -230,6 +248,50 @@ def main() -> None:
               f"({summary['vs_stock']['ttft_mean']:.2f}x)  encoder {summary['encoder']['plugin_encoder_s']:.3f}s, "
               f"glue {100 * summary['encoder']['plugin_glue_share']:.1f}%")
     print("load average", load)
+
+
+VARIANT_LABELS = {
+    "stock": 'stock (`"none"`)',
+    "cls_attention-64": "`cls_attention`, budget 64",
+    "rc-64": '`rc`, budget 64, `"llm"` guidance',
+}
+
+
+def committed_sections() -> dict[str, list[str]]:
+    """The docs/serving.md table made from the committed CPU result (none committed: how to measure it)."""
+    path = RESULTS / CPU_RESULT
+    if not path.exists():
+        return {"vllm_serving": [
+            "No current result: the last run (5 Dec 2026, with the plugin as first merged, "
+            f"`benchmarks/results/history/{CPU_RESULT}`) describes older code, so its figures are withdrawn. Measure "
+            f"it in the vLLM environment with `{CPU_COMMAND}`."
+        ]}
+    return {"vllm_serving": serving_table(json.loads(path.read_text()), path)}
+
+
+def serving_table(result: dict, path: Path) -> list[str]:
+    """Per variant: prompt tokens, throughput and TTFT against stock, the plugin's encoder and its own share."""
+    loads = [load[0] for load in result["load_average_1_5_15"]]
+    lines = [
+        f"{result['description']} ({result['geometry']}), random weights, {result['dtype']}, one engine, "
+        f"{result['requests_per_round']} concurrent requests per round with fresh images, {result['max_tokens']} "
+        f"generated tokens each, {result['rounds']} round(s) with the variants alternating; vLLM "
+        f"{result['versions']['vllm']}, {result['hardware']['cpu_count']} CPU cores "
+        f"({result['hardware']['cuda'] or 'no GPU'}), 1-minute load average {min(loads):.1f} to {max(loads):.1f} "
+        f"(`{Path(path).name}`). " + measured_at(result),
+        "",
+        "| per request | prompt tokens | requests/s | vs stock | generated tokens/s | mean TTFT | vs stock "
+        f"| plugin encoder ({result['overhead_images']} images) | of it outside the transformers pre-pass |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, variant in result["variants"].items():
+        lines.append(
+            f"| {VARIANT_LABELS.get(name, name)} | {variant['prompt_tokens']} | {variant['requests_per_s']:.2f} | "
+            f"{variant['vs_stock']['requests_per_s']:.2f}x | {variant['generated_tokens_per_s']:.1f} | "
+            f"{variant['ttft_mean_s']:.2f} s | {variant['vs_stock']['ttft_mean']:.2f}x | "
+            f"{variant['encoder']['plugin_encoder_s']:.2f} s | {variant['encoder']['plugin_glue_share']:.1%} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

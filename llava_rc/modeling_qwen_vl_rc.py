@@ -1,8 +1,10 @@
 """Qwen2.5-VL and Qwen3-VL whose visual tokens are compressed before the language model reads them.
 
 ``Qwen2_5_VLRCForConditionalGeneration`` and ``Qwen3VLRCForConditionalGeneration`` inherit everything from the stock
-transformers classes and share the compression machinery of ``CompressedGenerationMixin`` (settings, text guidance,
-the method call per image geometry, the batch rebuild, the report). What differs from the LLaVA line:
+transformers classes and share the compression machinery (``planning``: settings, validation, text guidance, the
+method call per image geometry, the batch rebuild, the report; ``compressed_generation``: ``forward()``,
+``generate()``, the cache and continuation rules). ``QwenVLCompressionMixin`` answers the hooks; what differs from
+the LLaVA line:
 
 - encode: the stock ``get_image_features`` runs once; its output per image is already one token per language-model
   token (a 2 x 2 merge of ViT patches, raster order), so methods see those tokens and a budget counts them. There is
@@ -28,7 +30,6 @@ input embeddings with the image tokens, which live in the language model's space
 """
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 import transformers
@@ -37,55 +38,30 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForCondition
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
-from .compressed_generation import (
-    COMPRESSED_CACHE_FLAG,
-    GUIDANCE_INPUTS,
-    CompressedGenerationMixin,
-    LlavaRCCausalLMOutputWithPast,
-)
-from .compression_common import MethodConfig, apply_plan
+from .compressed_generation import CompressedGenerationMixin
+from .compression_common import MethodConfig, TokenPlan
 from .configuration_qwen_vl_rc import Qwen2_5_VLRCConfig, Qwen3VLRCConfig
-from .input_checks import check_input_shapes
-from .planning import SYNTHETIC_SOURCE, CompressionReport, CropSignals, ImageLayout, host_to_device
-from .sequence_packing import PackedSequence, pack_sequences
+from .planning import CompressedBatch, CropSignals, EncodedImages, ImageLayout, host_to_device
+from .sequence_packing import PackedSequence
 from .vision_importance import received_attention
-
-logger = logging.get_logger(__name__)
-
-
-@dataclass
-class QwenCompressedBatch:
-    """The language model's input after compression: rebuilt ids/mask/labels, 3-D positions, the kept tokens.
-
-    position_ids: (4, B, L') the text row (a count over the mask) then (t, h, w); rope_deltas: (B, 1) the largest
-    position + 1 - the real length of each row; encoder_outputs: ``{"image": <the stock output class>}`` holding the
-    kept tokens (and DeepStack features) in sequence order, for ``mm_encoder_outputs``.
-    """
-
-    packed: PackedSequence
-    position_ids: torch.Tensor
-    rope_deltas: torch.Tensor
-    encoder_outputs: dict
-    report: CompressionReport
 
 
 class QwenVLCompressionMixin(CompressedGenerationMixin):
-    """Compression for a Qwen-VL ``...ForConditionalGeneration`` (put it first in the bases).
+    """Compression for a Qwen-VL ``...ForConditionalGeneration`` (put it first in the bases): the planning hooks
+    (``_encode_images``, ``_crop_signals``, ``_guidance_patches``, ``_language_model_batch``) and the plumbing ones
+    (the stock input names, ``_language_model_inputs``, ``_after_compressed_call``, the stock ``forward`` signature).
 
-    Hooks: ``_importance_block`` (the ViT block whose attention ranks tokens), ``_window_index`` (the permutation of
-    merge units the ViT runs on, or None), ``_apply_rotary`` (the tower's rotary embedding of q/k).
+    A model class supplies ``_importance_block`` (the ViT block whose attention ranks tokens), ``_window_index`` (the
+    permutation of merge units the ViT runs on, or None) and ``_apply_rotary`` (the tower's rotary embedding of q/k).
     """
 
     def _init_guidance_modules(self, config) -> None:
         self.guidance_text_model = None  # no CLIP text tower: "clip" guidance is refused by the config
 
-    def _num_prefix_tokens(self) -> int:
-        return 0
-
-    # ---- family hooks -----------------------------------------------------------------------------------------
+    # ---- the model's hooks ----------------------------------------------------------------------------------
     def _importance_block(self) -> int:
         raise NotImplementedError
 
@@ -95,7 +71,7 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
     def _apply_rotary(self, query, key, cos, sin):
         raise NotImplementedError
 
-    # ---- encode -----------------------------------------------------------------------------------------------
+    # ---- planning hooks -------------------------------------------------------------------------------------
     def _merge_unit_importance(
         self, block_input: torch.Tensor, grid_thw: torch.Tensor, sizes: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -141,31 +117,19 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
             per_head, joint, keys = per_head[raster], joint[raster], keys[raster]
         return per_head, joint, keys, num_heads
 
-    def _plan_tokens(self, signals: CropSignals, plan, pack, settings: MethodConfig) -> torch.Tensor:
-        """(I_g, K, D x (1 + levels)) a plan applied to the stock tokens with their DeepStack features alongside
-        (``signals.projected``): a gather, or the same weighted average for merged tokens."""
-        return apply_plan(pack(signals.projected), plan)
-
-    def compress_inputs(
+    def _encode_images(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor,
+        settings: MethodConfig,
         image_grid_thw: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
-        settings: MethodConfig | None = None,
-        guidance_mask: torch.Tensor | None = None,
-        pad_left: bool | None = None,
-    ) -> QwenCompressedBatch:
-        """Encode the images once, compress them, and rebuild the batch, its 3-D positions and the kept tokens.
-
-        input_ids: (B, L) with each image expanded to its ``<|image_pad|>`` run; pixel_values: (S, patch values) as the
-        stock processor makes them; image_grid_thw: (I, 3); attention_mask, labels, guidance_mask, mm_token_type_ids:
-        (B, L) or None. pad_left: re-pad side; None keeps the caller's side.
+    ) -> EncodedImages:
+        """The stock ``get_image_features`` once: per image its LLM tokens (and DeepStack features), one 'crop' of
+        h * w / 4 tokens read as one raster view. pixel_values: (S, patch values) as the stock processor makes them;
+        image_grid_thw: (I, 3); mm_token_type_ids: (B, L) or None (then the image placeholders are the image tokens).
         """
-        settings = settings if settings is not None else self.compression_settings()
-        if "mm_encoder_outputs" not in inspect.signature(self._stock().forward).parameters:
+        if "mm_encoder_outputs" not in inspect.signature(self.model.forward).parameters:
             raise ValueError(
                 f"compression on Qwen-VL needs transformers >= 5.23 (generate's mm_encoder_outputs); this is "
                 f"{transformers.__version__}. Upgrade transformers, or use compression={{'method': 'none'}}"
@@ -174,12 +138,8 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
             raise ValueError("guidance='clip' is not supported on Qwen-VL (no CLIP text tower); use guidance=None or 'auto'")
         if image_grid_thw is None:
             raise ValueError("compression needs image_grid_thw (the processor's (t, h, w) patch grid of every image)")
-        check_input_shapes(input_ids, attention_mask, labels, guidance_mask, None, None)
         merge = self.config.vision_config.spatial_merge_size
-        image_token_id = self.config.image_token_id
-        is_image = input_ids == image_token_id  # (B, L)
         grids = image_grid_thw.tolist()  # host ints: the geometry decides shapes
-        num_images = len(grids)
         patch_sizes = [t * h * w for t, h, w in grids]
         run_lengths = [size // merge**2 for size in patch_sizes]
         if pixel_values.shape[0] != sum(patch_sizes):
@@ -187,102 +147,78 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
                 f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw {grids} describes "
                 f"{sum(patch_sizes)}"
             )
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
-        host_counts = torch.stack([is_image.sum(), (~real[:, -1]).any().long(), (is_image & ~real).sum()]).tolist()
-        num_placeholders, ends_with_padding, masked_placeholders = host_counts
-        if num_placeholders != sum(run_lengths):
-            raise ValueError(
-                f"input_ids has {num_placeholders} image tokens but image_grid_thw {grids} gives {run_lengths} "
-                f"tokens per image (expected {sum(run_lengths)} image tokens)"
-            )
-        if masked_placeholders:
-            raise ValueError(
-                f"attention_mask is 0 on {masked_placeholders} image placeholder position(s): compression reads every "
-                "image token of the prompt, so a masked image would silently drop out or misalign. Set the mask to 1 "
-                "on the image tokens (0 only on padding), or pass compression={'method': 'none'}"
-            )
-        if pad_left is None:
-            pad_left = not ends_with_padding
-
-        needs_attention = settings.needs_attention
         vision = self.model.get_image_features(
-            pixel_values, image_grid_thw, output_hidden_states=needs_attention, return_dict=True
+            pixel_values, image_grid_thw, output_hidden_states=settings.needs_attention, return_dict=True
         )
         tokens = torch.cat(vision.pooler_output)  # (U, D) every image's LLM tokens, raster order
-        if not bool(tokens.isfinite().all()):
-            raise ValueError(
-                "the vision tower's features hold NaN or inf (non-finite pixel_values, or an overflow in this dtype); "
-                "compression cannot rank such tokens"
-            )
-        width = tokens.shape[-1]
+        longest = max(run_lengths)
+        # One image is one 'crop' of N_max slots; its layout reads its own n_i tokens as one raster view.
+        layouts = [
+            ImageLayout(token_index=torch.arange(count) + image * longest, views=((t * h // merge, w // merge),))
+            for image, (count, (t, h, w)) in enumerate(zip(run_lengths, grids))
+        ]
+        return EncodedImages(
+            layouts=layouts,
+            crops_per_image=[1] * len(grids),
+            non_finite=~tokens.isfinite().all(),
+            description=f"image_grid_thw {grids} gives {run_lengths} tokens per image",
+            device=tokens.device,
+            state={
+                "vision": vision,
+                "image_grid_thw": image_grid_thw,
+                "patch_sizes": patch_sizes,
+                "mm_token_type_ids": mm_token_type_ids,
+            },
+        )
+
+    def _crop_signals(self, encoded: EncodedImages, settings: MethodConfig) -> CropSignals:
+        """(I, N_max, ...) per image, zero-padded: the stock tokens (``features``), the same with the DeepStack levels
+        concatenated alongside (``projected``: what a plan keeps), and the merge-unit importance."""
+        vision = encoded.state["vision"]
+        run_lengths = [layout.token_index.shape[0] for layout in encoded.layouts]
+        tokens = torch.cat(vision.pooler_output)  # (U, D)
         deepstack = getattr(vision, "deepstack_features", None) or []
         with_deepstack = torch.cat([tokens, *(torch.cat(level) for level in deepstack)], dim=-1)  # (U, D x (1+L))
-        device = tokens.device
-        longest = max(run_lengths)
 
-        def per_image(values: torch.Tensor | None) -> torch.Tensor | None:
+        def per_image(values: torch.Tensor) -> torch.Tensor:
             """(U, ...) concatenated over images -> (I, N_max, ...) zero-padded, one 'crop' per image."""
-            if values is None:
-                return None
             return nn.utils.rnn.pad_sequence(list(values.split(run_lengths)), batch_first=True)
 
         signals = CropSignals(features=per_image(tokens), projected=per_image(with_deepstack))
-        if needs_attention:
+        if settings.needs_attention:
             with torch.no_grad():
                 block_input = vision.hidden_states[self._importance_block()]  # (S, C) the block's input
-                scores = self._merge_unit_importance(block_input, image_grid_thw, patch_sizes)
+                scores = self._merge_unit_importance(
+                    block_input, encoded.state["image_grid_thw"], encoded.state["patch_sizes"]
+                )
             signals.attention_per_head, signals.attention_joint = per_image(scores[0]), per_image(scores[1])
             signals.keys, signals.num_heads = per_image(scores[2]), scores[3]
-        tokens_per_image = (
-            run_lengths[0] if len(set(run_lengths)) == 1 else torch.tensor(run_lengths, device=input_ids.device)
-        )
-        image_has_text = None
-        if settings.guidance_source == "llm":
-            with torch.no_grad():
-                image_row = self._image_rows(is_image, num_images, tokens_per_image).to(device)  # (I,)
-                question, has_text = self._llm_question(input_ids, attention_mask, labels, guidance_mask)
-                signals.text_scores = nn.functional.cosine_similarity(
-                    signals.features.detach().float(), question.to(device)[image_row].unsqueeze(1), dim=-1
-                )  # (I, N_max)
-                signals.guidance_dim = width
-                image_has_text = has_text.to(device)[image_row]
+        return signals
 
-        # One image is one 'crop' of N_max slots; its layout reads its own n_i tokens as one raster view.
-        layouts = [
-            ImageLayout(
-                token_index=torch.arange(count) + image * longest, views=((t * h // merge, w // merge),)
-            )
-            for image, (count, (t, h, w)) in enumerate(zip(run_lengths, grids))
-        ]
-        groups: dict[tuple, list[int]] = {}
-        for image, layout in enumerate(layouts):
-            groups.setdefault(layout.views, []).append(image)
-        results = []
-        for members in groups.values():
-            member_index = host_to_device(members, device)
-            has_text = image_has_text[member_index] if image_has_text is not None else None
-            group = self._compress_group(signals, [layouts[i] for i in members], has_text, settings)
-            results.append((member_index, *group))
-        if len(results) == 1:
-            _, image_tokens, plan, absorbed = results[0]
-        else:
-            image_tokens, plan, absorbed = self._merge_groups(results, num_images)
+    def _guidance_patches(self, encoded: EncodedImages, signals: CropSignals, settings: MethodConfig) -> torch.Tensor:
+        """"llm" guidance: the image tokens live in the language model's input space already."""
+        return signals.features.detach()  # (I, N_max, D)
+
+    def _language_model_batch(
+        self,
+        encoded: EncodedImages,
+        packed: PackedSequence,
+        image_tokens: torch.Tensor,
+        plan: TokenPlan,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> dict:
+        """3-D positions (stock ``get_rope_index`` on the uncompressed sequence, at the columns each kept token came
+        from), ``rope_deltas``, and the kept tokens as the stock encoder output (``mm_encoder_outputs``)."""
+        vision = encoded.state["vision"]
+        run_lengths = [layout.token_index.shape[0] for layout in encoded.layouts]
         slots = image_tokens.shape[1]
-        packed = pack_sequences(
-            input_ids,
-            attention_mask,
-            labels,
-            image_token_id=image_token_id,
-            tokens_per_image=tokens_per_image,
-            kept_counts=plan.counts.to(input_ids.device),
-            slots_per_image=slots,
-            pad_token_id=self._pad_token_id(),
-            pad_left=pad_left,
-        )
-
-        # 3-D positions: the stock ones of the uncompressed sequence, at the columns each kept token came from.
-        type_ids = mm_token_type_ids if mm_token_type_ids is not None else is_image.int()
-        original, _ = self.model.get_rope_index(input_ids, type_ids, image_grid_thw, attention_mask=attention_mask)
+        type_ids = encoded.state["mm_token_type_ids"]
+        if type_ids is None:
+            type_ids = (input_ids == self.config.image_token_id).int()
+        original, _ = self.model.get_rope_index(
+            input_ids, type_ids, encoded.state["image_grid_thw"], attention_mask=attention_mask
+        )  # (3, B, L)
         slot = packed.image_slot  # (B, L') index into the flattened (I x K) kept tokens, -1 on text
         is_slot = slot >= 0
         flat_slot = slot.clamp(min=0)
@@ -297,39 +233,38 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         position_ids = torch.cat([packed.position_ids.unsqueeze(0).to(spatial.device), spatial])  # (4, B, L')
         rope_deltas = (spatial.amax(dim=(0, 2)) + 1 - real_new.sum(dim=1)).unsqueeze(1)  # (B, 1)
 
+        width = vision.pooler_output[0].shape[-1]
         kept = image_tokens.flatten(0, 1)[slot[is_slot].to(image_tokens.device)]  # (sum kept, D x (1 + L))
         kept_tokens, *kept_levels = kept.split(width, dim=-1)  # in sequence order, image after image
         # Per image, as the stock encoder returns them: generate() splits them by rows for beams and return sequences.
         kept_counts = plan.counts.tolist()
         fields = {"pooler_output": kept_tokens.split(kept_counts)}
-        if deepstack:
+        if getattr(vision, "deepstack_features", None):
             fields["deepstack_features"] = [level.split(kept_counts) for level in kept_levels]
-        encoder_outputs = {"image": type(vision)(**fields)}
+        return {
+            "position_ids": position_ids,
+            "rope_deltas": rope_deltas,
+            "encoder_outputs": {"image": type(vision)(**fields)},
+        }
 
-        position = torch.arange(plan.source_index.shape[1], device=device)  # (K,)
-        synthetic = (position < plan.counts.unsqueeze(-1)) & (plan.source_index < 0)  # (I, K)
-        report = CompressionReport(
-            method=settings.to_dict(),
-            num_patches=absorbed.shape[-1],
-            kept_counts=plan.counts,
-            source_index=plan.source_index.masked_fill(synthetic, SYNTHETIC_SOURCE),
-            absorbed=absorbed,
-            patch_counts=host_to_device(run_lengths, device),
-            newline_counts=torch.zeros(num_images, dtype=torch.long, device=device),
-        )
-        return QwenCompressedBatch(packed, position_ids, rope_deltas, encoder_outputs, report)
+    # ---- plumbing hooks -------------------------------------------------------------------------------------
+    _image_inputs = ("image_grid_thw", "mm_token_type_ids")
+    _video_inputs = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    _embedding_inputs = ("inputs_embeds", "mm_encoder_outputs")
+    _continuation_inputs = ("pixel_values", "image_grid_thw")
 
-    # ---- forward ----------------------------------------------------------------------------------------------
-    def _stock(self):
-        """The stock class's methods (skipping the LLaVA-side forward/generate of ``CompressedGenerationMixin``)."""
-        return super(CompressedGenerationMixin, self)
+    def _language_model_inputs(self, batch: CompressedBatch, generating: bool) -> dict:
+        """The rebuilt ids, the 3-D positions and the kept tokens as ``mm_encoder_outputs`` (merged by the stock code,
+        DeepStack included), for ``forward()`` and ``generate()`` alike."""
+        return {
+            "input_ids": batch.packed.input_ids,
+            "position_ids": batch.position_ids,
+            "mm_encoder_outputs": batch.encoder_outputs,
+        }
 
-    def _refuse_video(self, method: str | None, pixel_values_videos) -> None:
-        if pixel_values_videos is not None and method != "none":
-            raise ValueError(
-                f"compression method {method!r} compresses images, not videos: pass compression={{'method': 'none'}} "
-                "for a call with pixel_values_videos"
-            )
+    def _after_compressed_call(self, batch: CompressedBatch) -> None:
+        """Decoding loops that pass no positions read ``model.model.rope_deltas``: the compressed rows'."""
+        self.model.rope_deltas = batch.rope_deltas
 
     @can_return_tuple
     def forward(
@@ -358,156 +293,40 @@ class QwenVLCompressionMixin(CompressedGenerationMixin):
         r"""
         Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first and
         the returned logits, ``labels`` and ``attention_mask`` are at the compressed length (3-D positions: each kept
-        token keeps its stock position). Without ``pixel_values``, or with method ``"none"``, this is exactly the
-        stock call. ``pixel_values_videos`` need method ``"none"``.
+        token keeps its stock position); see ``CompressedGenerationMixin._compressed_forward``. Without ``pixel_values``, or with
+        method ``"none"``, this is exactly the stock call. ``pixel_values_videos`` need method ``"none"``.
 
         compression (`dict`, *optional*): settings for this call, updating ``config.compression``.
         guidance_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on the question's
             tokens, for text-guided methods; defaults to every text token of the prompt.
         guidance_input_ids, guidance_attention_mask: unused on Qwen (``guidance="clip"`` is not supported).
         """
-        method = self._compression_method(compression)
-        self._refuse_video(method, pixel_values_videos)
-        stock_kwargs = dict(
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
-        if pixel_values is None or method == "none":
-            return self._stock().forward(
+        return self._compressed_forward(
+            compression,
+            dict(
                 input_ids=input_ids,
+                attention_mask=attention_mask,
                 position_ids=position_ids,
+                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
+                use_cache=use_cache,
                 pixel_values=pixel_values,
                 pixel_values_videos=pixel_values_videos,
                 image_grid_thw=image_grid_thw,
                 video_grid_thw=video_grid_thw,
                 mm_token_type_ids=mm_token_type_ids,
                 second_per_grid_ts=second_per_grid_ts,
+                logits_to_keep=logits_to_keep,
                 mm_encoder_outputs=mm_encoder_outputs,
-                **stock_kwargs,
-            )
-        settings = self.compression_settings(compression)
-        if input_ids is None or inputs_embeds is not None or mm_encoder_outputs is not None:
-            raise ValueError(
-                "compression needs input_ids (to find the image placeholders), and neither inputs_embeds nor "
-                "mm_encoder_outputs; pass input_ids, or compression={'method': 'none'}"
-            )
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            raise ValueError(
-                "pixel_values with a non-empty past_key_values: compression rebuilds the whole prompt, so images "
-                "must come with the first forward of a sequence"
-            )
-        if position_ids is not None:
-            logger.warning_once("position_ids are recomputed over the compressed sequence; the given ones are unused")
-        batch = self.compress_inputs(
-            input_ids,
-            pixel_values,
-            image_grid_thw,
-            attention_mask=attention_mask,
-            labels=labels,
-            mm_token_type_ids=mm_token_type_ids,
-            settings=settings,
-            guidance_mask=guidance_mask,
+                **kwargs,
+            ),
+            dict(
+                guidance_mask=guidance_mask,
+                guidance_input_ids=guidance_input_ids,
+                guidance_attention_mask=guidance_attention_mask,
+            ),
         )
-        packed = batch.packed
-        stock_kwargs["attention_mask"] = packed.attention_mask
-        outputs = self._stock().forward(
-            input_ids=packed.input_ids,
-            position_ids=batch.position_ids,
-            labels=packed.labels,
-            mm_encoder_outputs=batch.encoder_outputs,
-            return_dict=True,
-            **stock_kwargs,
-        )
-        self.model.rope_deltas = batch.rope_deltas
-        if outputs.past_key_values is not None:  # it holds the compressed prompt: generate() refuses to continue it
-            setattr(outputs.past_key_values, COMPRESSED_CACHE_FLAG, True)
-        return LlavaRCCausalLMOutputWithPast(
-            loss=outputs.loss,
-            logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            labels=packed.labels,
-            attention_mask=packed.attention_mask,
-            compression=batch.report,
-        )
-
-    # ---- generate ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, compression: dict | None = None, **kwargs):
-        r"""Stock ``generate()`` with the image tokens compressed once, before the prefill.
-
-        As on LLaVA: ``out[:, input_ids.shape[1]:]`` is exactly the new text; ``return_dict_in_generate=True`` adds
-        ``compression`` (a `CompressionReport`, or None when nothing was compressed); the returned ``past_key_values``
-        of a compressed call cannot be passed back (continue with ``generate(input_ids=out.sequences, pixel_values=...,
-        image_grid_thw=..., attention_mask=...)``, which compresses again). ``pixel_values_videos`` need method
-        ``"none"``.
-        """
-        if getattr(kwargs.get("past_key_values"), COMPRESSED_CACHE_FLAG, False):
-            raise ValueError(
-                "past_key_values were filled from a compressed prompt (by generate() or forward() with compression "
-                "on): they no longer line up with the caller's input_ids. Continue without the cache: "
-                "generate(input_ids=out.sequences, pixel_values=..., image_grid_thw=..., attention_mask=...) "
-                "compresses the images again"
-            )
-        settings = self.compression_settings(compression)
-        self._refuse_video(settings.method, kwargs.get("pixel_values_videos"))
-        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-        pixel_values = kwargs.get("pixel_values")
-        if pixel_values is None or settings.method == "none":
-            for name in GUIDANCE_INPUTS:
-                kwargs.pop(name, None)
-            if settings.method == "none":
-                kwargs["compression"] = {"method": "none"}
-            outputs = self._stock().generate(input_ids, **kwargs)
-            if not isinstance(outputs, torch.Tensor):
-                outputs.compression = None
-            return outputs
-        if input_ids is None or kwargs.get("inputs_embeds") is not None:
-            raise ValueError("compression needs input_ids (to find the image placeholders) and no inputs_embeds")
-        if kwargs.get("assistant_model") is not None:
-            raise ValueError("assisted decoding is not supported with compression")
-        if kwargs.pop("position_ids", None) is not None:
-            logger.warning_once("position_ids are recomputed over the compressed sequence; the given ones are unused")
-        kwargs.pop("pixel_values")
-        kwargs.pop("guidance_input_ids", None)
-        kwargs.pop("guidance_attention_mask", None)
-        batch = self.compress_inputs(
-            input_ids,
-            pixel_values,
-            kwargs.pop("image_grid_thw", None),
-            attention_mask=kwargs.pop("attention_mask", None),
-            mm_token_type_ids=kwargs.pop("mm_token_type_ids", None),
-            settings=settings,
-            guidance_mask=kwargs.pop("guidance_mask", None),
-            pad_left=True,
-        )
-        packed = batch.packed
-        self._shift_absolute_lengths(kwargs, packed.input_ids.shape[1] - input_ids.shape[1])
-        outputs = self._stock().generate(
-            input_ids=packed.input_ids,
-            attention_mask=packed.attention_mask,
-            position_ids=batch.position_ids,
-            mm_encoder_outputs=batch.encoder_outputs,
-            **kwargs,
-        )
-        self.model.rope_deltas = batch.rope_deltas
-        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        copies = sequences.shape[0] // input_ids.shape[0]  # beams / num_return_sequences
-        new_tokens = sequences[:, packed.input_ids.shape[1] :]
-        restored = torch.cat([input_ids.to(sequences.device).repeat_interleave(copies, dim=0), new_tokens], dim=1)
-        if isinstance(outputs, torch.Tensor):
-            return restored
-        outputs.sequences = restored
-        outputs["compression"] = batch.report
-        if getattr(outputs, "past_key_values", None) is not None:
-            setattr(outputs.past_key_values, COMPRESSED_CACHE_FLAG, True)
-        return outputs
 
 
 class Qwen2_5_VLRCForConditionalGeneration(QwenVLCompressionMixin, Qwen2_5_VLForConditionalGeneration):

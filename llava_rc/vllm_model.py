@@ -6,7 +6,10 @@ Imported only by vLLM (through ``llava_rc.vllm_plugin``); docs/serving.md is the
   encoder runs. With a budget the count is known there: ``MethodConfig.fixed_count`` of the image's views (the
   budget clamped to the image's patches; G-Prune's per-view rule), plus the image's newline tokens (NeXT/OneVision;
   they depend only on the image size). Settings without a budget (adaptive RC/PruMerge) are refused with a
-  ValueError that says to set one.
+  ValueError that says to set one. OneVision (``onevision_token_counts``): a one-image prompt reads the base view and
+  the unpadded grid, downsampled past ``vision_aspect_ratio``; a prompt with several images reads each one's base
+  view and one newline, so the prompt's image count is hashed with each image (``IMAGES_KEY``).
+- **Image embeddings** (``image_embeds``) are refused with a ValueError: the methods need the tower's attention.
 - **Settings per request.** ``config.compression`` (``hf_overrides={"compression": {...}}`` replaces it for a whole
   engine), updated by a request's ``mm_processor_kwargs={"compression": {...}}`` with the rule of
   ``generate(compression=...)`` (``compression_registry.update_compression``). The processor hands the validated
@@ -29,6 +32,7 @@ Imported only by vLLM (through ``llava_rc.vllm_plugin``); docs/serving.md is the
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -50,20 +54,22 @@ from vllm.multimodal.processing import (
 
 from .compression_common import MethodConfig, resolve_guidance
 from .compression_registry import update_compression
-from .configuration_llava_rc import LlavaNextRCConfig, LlavaRCConfig
-from .modeling_llava_rc import LlavaNextRCForConditionalGeneration, LlavaRCForConditionalGeneration
-from .modeling_llava_rc import anyres_token_counts
+from .configuration_llava_rc import LlavaNextRCConfig, LlavaOnevisionRCConfig, LlavaRCConfig
+from .modeling_llava_rc import LlavaNextRCForConditionalGeneration, LlavaOnevisionRCForConditionalGeneration
+from .modeling_llava_rc import LlavaRCForConditionalGeneration, OnevisionImageGeometry, anyres_token_counts
 from .processing_llava_rc import extract_question
 
-# mm_processor_kwargs keys of this plugin: the per-request settings, and the question the processor adds.
+# mm_processor_kwargs keys of this plugin: the per-request settings, and what the processor adds of the prompt.
 COMPRESSION_KEY = "compression"
 QUESTION_KEY = "llava_rc_question"
-OWN_KEYS = (COMPRESSION_KEY, QUESTION_KEY)
+IMAGES_KEY = "llava_rc_images_in_prompt"  # OneVision: a prompt with several images reads only their base views
+OWN_KEYS = (COMPRESSION_KEY, QUESTION_KEY, IMAGES_KEY)
 # Per-image fields from the processor to the encoder.
 SETTINGS_FIELD = "llava_rc_settings"  # (I, S) long: the settings as UTF-8 JSON bytes
 GUIDANCE_IDS_FIELD = "llava_rc_guidance_ids"  # (I, T) long: the question's tokens (LLM's or CLIP's tokenizer)
 GUIDANCE_MASK_FIELD = "llava_rc_guidance_mask"  # (I, T) long: 1 on real question tokens
 OWN_FIELDS = (SETTINGS_FIELD, GUIDANCE_IDS_FIELD, GUIDANCE_MASK_FIELD)
+GEOMETRY_FIELD = "llava_rc_geometry"  # OneVision, (I, 3) long: height, width, 1 when read as base view + grid
 
 
 def request_settings(config, mm_kwargs: Mapping[str, object]) -> MethodConfig:
@@ -107,6 +113,24 @@ def per_item(value) -> list[torch.Tensor]:
     return [item for item in value]
 
 
+def refuse_image_embeddings(mm_items) -> None:
+    """Image embeddings (``image_embeds``) cannot be compressed: every method reads the vision tower's attention
+    (or its features before the projector), which precomputed embeddings no longer carry."""
+    items = mm_items.get("image")
+    if items is None or isinstance(items, ImageProcessorItems):
+        return
+    shapes = []
+    for index in range(items.get_count()):
+        item = items.get(index)
+        shapes.append(tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__)
+    raise ValueError(
+        f"llava-rc got image embeddings (image_embeds) for {len(shapes)} image(s), shapes {shapes}, but it needs the "
+        "images themselves: every compression method reads the vision tower's attention, which embeddings no longer "
+        "carry, and vLLM fixes each image's token count from its pixels. Send the image (PIL image, URL or "
+        "base64 data) instead; embeddings are not served by this plugin, with any method, \"none\" included"
+    )
+
+
 # ---- processing ----------------------------------------------------------------------------------------------
 class LlavaRCProcessingInfo(BaseProcessingInfo):
     """LLaVA-1.5: an image's stock token count is the tower's N patches; compressed, the budget's count.
@@ -133,21 +157,28 @@ class LlavaRCProcessingInfo(BaseProcessingInfo):
         width, height = self.get_image_size_with_most_features()
         return {"image": self.get_num_image_tokens(image_width=width, image_height=height)}
 
-    def image_views(self, image_width: int, image_height: int) -> tuple[tuple[int, int], ...]:
-        """The raster views of an image's non-newline tokens (LLaVA-1.5: one N-patch grid)."""
+    def image_views(
+        self, image_width: int, image_height: int, images_in_prompt: int = 1
+    ) -> tuple[tuple[int, int], ...]:
+        """The raster views of an image's non-newline tokens (LLaVA-1.5: one N-patch grid). images_in_prompt: how
+        many images the image's prompt holds (only OneVision reads it)."""
         vision_config = self.get_hf_config().vision_config
         side = vision_config.image_size // vision_config.patch_size
         return ((side, side),)
 
-    def image_newlines(self, image_width: int, image_height: int) -> int:
+    def image_newlines(self, image_width: int, image_height: int, images_in_prompt: int = 1) -> int:
         return 0
 
-    def compressed_tokens(self, settings: MethodConfig, image_width: int, image_height: int) -> int:
-        """Placeholders of one image under ``settings``: its kept tokens plus its newline tokens."""
+    def compressed_tokens(
+        self, settings: MethodConfig, image_width: int, image_height: int, images_in_prompt: int = 1
+    ) -> int:
+        """Placeholders of one image under ``settings``: its kept tokens plus its newline tokens (``"none"``: every
+        token of its views plus its newlines, the stock count)."""
+        views = self.image_views(image_width, image_height, images_in_prompt)
+        newlines = self.image_newlines(image_width, image_height, images_in_prompt)
         if settings.method == "none":
-            return self.get_num_image_tokens(image_width=image_width, image_height=image_height)
-        views = self.image_views(image_width, image_height)
-        return settings.fixed_count(views) + self.image_newlines(image_width, image_height)
+            return sum(rows * cols for rows, cols in views) + newlines
+        return settings.fixed_count(views) + newlines
 
 
 class LlavaRCMultiModalProcessorMixin:
@@ -178,13 +209,20 @@ class LlavaRCMultiModalProcessorMixin:
         return extract_question(text, processor.image_token)
 
     def apply(self, inputs, timing_ctx):
+        refuse_image_embeddings(inputs.mm_data_items)
         settings = self._settings(inputs.hf_processor_mm_kwargs)
         kwargs = dict(inputs.hf_processor_mm_kwargs)
-        kwargs.pop(QUESTION_KEY, None)  # only the processor sets it
+        kwargs.pop(QUESTION_KEY, None)  # only the processor sets these
+        kwargs.pop(IMAGES_KEY, None)
         question = self._question(settings, list(inputs.prompt))
         if question is not None:
             kwargs[QUESTION_KEY] = question  # hashed with the image: the caches key on the question too
+        kwargs.update(self._prompt_keys(inputs))
         return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+
+    def _prompt_keys(self, inputs) -> dict:
+        """What else of the prompt decides an image's tokens, as processor kwargs (hashed with the image)."""
+        return {}
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         settings = self._settings(hf_kwargs)
@@ -226,7 +264,9 @@ class LlavaRCMultiModalProcessorMixin:
         def replacement(item_index: int) -> list[int]:
             images = mm_items.get_items("image", ImageProcessorItems)
             size = images.get_image_size(item_index)
-            count = self.info.compressed_tokens(settings, size.width, size.height)
+            count = self.info.compressed_tokens(
+                settings, size.width, size.height, int(hf_processor_mm_kwargs.get(IMAGES_KEY, 1))
+            )
             return [image_token_id] * count
 
         return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
@@ -249,12 +289,14 @@ class LlavaNextRCProcessingInfo(LlavaRCProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         return sum(self._counts(image_width, image_height))
 
-    def image_views(self, image_width: int, image_height: int) -> tuple[tuple[int, int], ...]:
+    def image_views(
+        self, image_width: int, image_height: int, images_in_prompt: int = 1
+    ) -> tuple[tuple[int, int], ...]:
         base, grid, rows = self._counts(image_width, image_height)
         side = self.get_hf_config().vision_config.image_size // self.get_hf_config().vision_config.patch_size
-        return ((side, side), (rows, grid // rows))
+        return ((side, side), (rows, grid // rows)) if rows else ((side, side),)
 
-    def image_newlines(self, image_width: int, image_height: int) -> int:
+    def image_newlines(self, image_width: int, image_height: int, images_in_prompt: int = 1) -> int:
         return self._counts(image_width, image_height)[2]
 
     def get_image_size_with_most_features(self) -> tuple[int, int]:
@@ -268,6 +310,117 @@ class LlavaNextRCMultiModalProcessor(LlavaRCMultiModalProcessor):
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields["image_sizes"] = MultiModalFieldConfig.batched("image")
+        return fields
+
+
+def onevision_grid_tokens(config, rows: int, cols: int) -> tuple[int, int]:
+    """(grid tokens, newline tokens) of a LLaVA-OneVision grid of rows x cols tokens after unpadding: the stock
+    ``pack_image_features`` downsamples it bilinearly to (rows // r, cols // r) when r = sqrt(rows * cols / (m * N))
+    exceeds 1.1 (m from ``vision_aspect_ratio`` "anyres_max_<m>", N the patches of one crop); one newline per row."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    max_crops = int(config.vision_aspect_ratio.strip("anyres_max_"))
+    ratio = math.sqrt(rows * cols / (max_crops * side**2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return rows * cols, rows
+
+
+def onevision_token_counts(config, image_height: int, image_width: int, patched: bool = True) -> tuple[int, int, int]:
+    """(base-view, grid, newline) tokens of one LLaVA-OneVision image, as the stock processor and model count them.
+
+    patched: the image is read as base view + anyres grid (its prompt holds one image); otherwise (several images
+    in the prompt, the stock ``batch_num_images`` rule) as its base view and one newline. The grid is LLaVA-NeXT's
+    unpadded grid (``anyres_token_counts``), downsampled past ``vision_aspect_ratio`` (``onevision_grid_tokens``).
+    Example, OneVision-7B (SigLIP 384/14, 27 x 27 patches) at 1000 x 1000: [729, 6561, 81].
+    """
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    if not patched:
+        return side * side, 0, 1
+    _, grid, rows = anyres_token_counts(config, [(image_height, image_width)])[0].tolist()
+    if rows == 0:  # a very wide image's unpadded grid has no row: its base view alone
+        return side * side, 0, 0
+    return (side * side, *onevision_grid_tokens(config, rows, grid // rows))
+
+
+class OnevisionImageProcessing:
+    """The part of a OneVision repo's processor that vLLM calls: its image processor (crops and sizes), plus the
+    tokenizer and image token that the plugin reads. The stock ``LlavaOnevisionProcessor`` also builds a video
+    processor, which needs torchvision (not loadable beside vLLM's CPU torch); videos are not served anyway."""
+
+    def __init__(self, image_processor, tokenizer, image_token: str = "<image>"):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+        if text is not None:
+            raise ValueError("llava-rc's OneVision processing in vLLM takes images only (vLLM tokenizes the prompt)")
+        kwargs.setdefault("return_tensors", "pt")
+        return self.image_processor(images, **kwargs)
+
+
+class LlavaOnevisionRCProcessingInfo(LlavaNextRCProcessingInfo):
+    """LLaVA-OneVision: a prompt with one image reads it as base view + unpadded (and, past ``vision_aspect_ratio``,
+    downsampled) grid with one newline per grid row; a prompt with several images reads each one's base view and one
+    newline (``onevision_token_counts``). A budget counts the non-newline tokens; the newlines are kept on top."""
+
+    def get_hf_processor(self, **kwargs: object) -> OnevisionImageProcessing:
+        from vllm.transformers_utils.processor import cached_image_processor_from_config
+
+        return OnevisionImageProcessing(
+            cached_image_processor_from_config(self.ctx.model_config, **kwargs), self.get_tokenizer()
+        )
+
+    def _onevision_counts(self, image_width: int, image_height: int, images_in_prompt: int) -> tuple[int, int, int]:
+        return onevision_token_counts(self.get_hf_config(), image_height, image_width, patched=images_in_prompt == 1)
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        return sum(self._onevision_counts(image_width, image_height, 1))
+
+    def image_views(
+        self, image_width: int, image_height: int, images_in_prompt: int = 1
+    ) -> tuple[tuple[int, int], ...]:
+        base, grid, rows = self._onevision_counts(image_width, image_height, images_in_prompt)
+        side = self.get_hf_config().vision_config.image_size // self.get_hf_config().vision_config.patch_size
+        return ((side, side), (rows, grid // rows)) if grid else ((side, side),)
+
+    def image_newlines(self, image_width: int, image_height: int, images_in_prompt: int = 1) -> int:
+        return self._onevision_counts(image_width, image_height, images_in_prompt)[2]
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        """An upper bound of any image's stock count: every grid a pinpoint can unpad to (its full grid with fewer
+        rows or fewer columns), downsampled as the stock model does (a grid just under the downsampling threshold
+        can hold more tokens than the full pinpoint's downsampled grid)."""
+        config = self.get_hf_config()
+        vision_config = config.vision_config
+        side = vision_config.image_size // vision_config.patch_size
+        most = 0
+        for height, width in config.image_grid_pinpoints:
+            rows, cols = height // vision_config.image_size * side, width // vision_config.image_size * side
+            unpadded = [(r, cols) for r in range(1, rows + 1)] + [(rows, c) for c in range(1, cols + 1)]
+            for grid_rows, grid_cols in unpadded:
+                most = max(most, sum(onevision_grid_tokens(config, grid_rows, grid_cols)))
+        return {"image": side * side + most}
+
+
+class LlavaOnevisionRCMultiModalProcessor(LlavaNextRCMultiModalProcessor):
+    """Adds how many images the prompt holds (it decides each image's layout) to the hashed processor kwargs, and
+    each image's geometry (height, width, patched) as a field for the encoder."""
+
+    def _prompt_keys(self, inputs) -> dict:
+        return {IMAGES_KEY: inputs.mm_data_items.get_count("image", strict=False)}
+
+    def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        processed = super()._call_hf_processor(hf_data, hf_kwargs)
+        processed.pop("batch_num_images", None)  # of this call's images, not of the prompt's
+        sizes = processed["image_sizes"].view(-1, 2).long()  # (I, 2) height, width
+        patched = int(hf_kwargs.get(IMAGES_KEY, 1)) == 1
+        processed[GEOMETRY_FIELD] = torch.cat([sizes, sizes.new_full((sizes.shape[0], 1), int(patched))], dim=1)
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        fields[GEOMETRY_FIELD] = MultiModalFieldConfig.batched("image")
         return fields
 
 
@@ -304,6 +457,8 @@ def vision_half(transformers_class, config_class, hf_config, dtype: torch.dtype)
     settings = {key: value for key, value in hf_config.to_dict().items() if key not in ("model_type", "auto_map")}
     text_config = dict(settings["text_config"])
     text_config.update(num_hidden_layers=0, vocab_size=1, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if text_config.get("layer_types") is not None:  # Qwen2 (OneVision) lists a type per layer
+        text_config["layer_types"] = []
     settings.update(text_config=text_config, pad_token_id=0, tie_word_embeddings=False)
     config = config_class(**settings)
     config._attn_implementation = "sdpa"
@@ -318,6 +473,7 @@ class LlavaRCForVllm(nn.Module, SupportsMultiModal, SupportsPP):
 
     transformers_class = LlavaRCForConditionalGeneration
     config_class = LlavaRCConfig
+    sizes_field = "image_sizes"  # the per-image field that ``_stack_pixels`` reads beside the pixels
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -352,7 +508,7 @@ class LlavaRCForVllm(nn.Module, SupportsMultiModal, SupportsPP):
         pixel_values = per_item(kwargs.get("pixel_values"))
         if not pixel_values:
             return []
-        image_sizes = per_item(kwargs.get("image_sizes"))
+        image_sizes = per_item(kwargs.get(self.sizes_field))
         settings_codes = per_item(kwargs[SETTINGS_FIELD])
         guidance_ids = per_item(kwargs[GUIDANCE_IDS_FIELD])
         guidance_mask = per_item(kwargs[GUIDANCE_MASK_FIELD])
@@ -502,3 +658,25 @@ class LlavaNextRCForVllm(LlavaRCForVllm):
         most = max(pixels.shape[0] for pixels in pixel_values)
         padded = [torch.nn.functional.pad(pixels, (0, 0, 0, 0, 0, 0, 0, most - pixels.shape[0])) for pixels in pixel_values]
         return torch.stack(padded).to(device), torch.stack(list(image_sizes)).to(device)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    LlavaOnevisionRCMultiModalProcessor, info=LlavaOnevisionRCProcessingInfo, dummy_inputs=LlavaRCDummyInputsBuilder
+)
+class LlavaOnevisionRCForVllm(LlavaNextRCForVllm):
+    """LLaVA-OneVision (images; videos are not served): the processor's crops of each image and its geometry (size,
+    and whether its prompt reads its grid), handed to the transformers pre-pass as an ``OnevisionImageGeometry``."""
+
+    transformers_class = LlavaOnevisionRCForConditionalGeneration
+    config_class = LlavaOnevisionRCConfig
+    sizes_field = GEOMETRY_FIELD
+
+    def _stack_pixels(self, pixel_values, image_sizes, device):
+        """(I, P_max, 3, H, W) crops padded with zeros, and the images' ``OnevisionImageGeometry``."""
+        pixels, geometry = super()._stack_pixels(pixel_values, image_sizes, device)
+        rows = geometry.tolist()  # (I, 3) height, width, patched
+        return pixels, OnevisionImageGeometry(
+            sizes=tuple((height, width) for height, width, _ in rows),
+            patched=tuple(bool(patched) for _, _, patched in rows),
+            aspect_ratio=self.config.vision_aspect_ratio,
+        )

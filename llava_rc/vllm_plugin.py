@@ -8,7 +8,8 @@ The serving code itself is ``llava_rc.vllm_model`` (docs/serving.md).
 ARCHITECTURES = {
     "LlavaRCForConditionalGeneration": "llava_rc.vllm_model:LlavaRCForVllm",
     "LlavaNextRCForConditionalGeneration": "llava_rc.vllm_model:LlavaNextRCForVllm",
-}  # LLaVA-OneVision repos are not served yet (docs/serving.md#limits): vLLM reports the architecture unsupported.
+    "LlavaOnevisionRCForConditionalGeneration": "llava_rc.vllm_model:LlavaOnevisionRCForVllm",
+}
 
 
 def register() -> None:

@@ -52,7 +52,8 @@ def samples(count: int):
 
 @pytest.fixture(scope="module")
 def llm():
-    instance = engine(SHIPPED, hf_overrides={"compression": ENGINE_COMPRESSION})
+    # enable_mm_embeds: vLLM would refuse image embeddings itself otherwise; the plugin's own refusal is tested here.
+    instance = engine(SHIPPED, hf_overrides={"compression": ENGINE_COMPRESSION}, enable_mm_embeds=True)
     yield instance
     shutdown(instance)
 
@@ -186,6 +187,21 @@ def test_bad_or_adaptive_settings_are_refused_and_the_engine_keeps_serving(llm, 
     with pytest.raises(ValueError, match=message):
         llm.generate([{"prompt": prompt(question), "multi_modal_data": {"image": image},
                        "mm_processor_kwargs": {"compression": update}}], greedy(1))
+    assert llm.generate([{"prompt": prompt(question), "multi_modal_data": {"image": image}}], greedy(2))[0].outputs
+
+
+def test_image_embeddings_are_refused_with_what_is_needed_and_the_engine_keeps_serving(llm):
+    """Embeddings cannot be compressed (the methods read the vision tower's attention): a request with
+    ``image_embeds`` gets a ValueError naming what it gave and what is needed, whatever its method."""
+    import torch
+
+    image, question = samples(1)[0]
+    hidden = llm.llm_engine.model_config.get_inputs_embeds_size()
+    for update in ({}, {"method": "none"}):
+        with pytest.raises(ValueError, match=r"image embeddings \(image_embeds\) for 1 image\(s\), shapes "
+                           rf"\[\(16, {hidden}\)\].*needs the images themselves"):
+            llm.generate([{"prompt": prompt(question), "multi_modal_data": {"image": torch.zeros(1, 16, hidden)},
+                           "mm_processor_kwargs": {"compression": update}}], greedy(1))
     assert llm.generate([{"prompt": prompt(question), "multi_modal_data": {"image": image}}], greedy(2))[0].outputs
 
 

@@ -1,12 +1,13 @@
 """Compression around the stock ``forward(labels)`` and ``generate()``: the transformers plumbing and cache rules.
 
 ``CompressedGenerationMixin`` goes in front of a stock class (``LlavaForConditionalGeneration``,
-``LlavaNextForConditionalGeneration``, ...) and replaces one step: where the projected image features are merged into
-the text sequence. What is compressed, and how, is planned by ``planning.CompressionPlanner`` (the vision tower once,
-the method per image geometry, the rebuilt batch); this module only hands the result to the stock code.
+``Qwen2_5_VLForConditionalGeneration``, ..., behind the family's hooks) and replaces one step: where the image
+features enter the text sequence. What is compressed, and how, is planned by ``planning.CompressionPlanner`` (the
+vision tower once, the method per image geometry, the rebuilt batch); this module only hands the result to the stock
+code, the same way for every family (the family names its stock inputs and what the stock call reads).
 
-``generate()`` does this as a pre-pass and hands the rebuilt ids, mask and merged embeddings to the stock
-``generate()``: shrinking the sequence inside ``forward()`` would leave generate's mask and positions at the old
+``generate()`` does this as a pre-pass and hands the rebuilt ids, mask and the family's language-model input (merged
+embeddings; Qwen: 3-D positions and ``mm_encoder_outputs``) to the stock ``generate()``: shrinking the sequence inside ``forward()`` would leave generate's mask and positions at the old
 length (silently wrong). The caller's ``input_ids`` are put back in front of the new tokens afterwards.
 ``forward(labels=...)`` runs the same pre-pass for fine-tuning and returns the rebuilt labels and mask.
 """
@@ -15,9 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
-from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, logging
-from transformers.utils.generic import can_return_tuple
+from transformers.utils import logging
 
 from .planning import (
     NEWLINE,
@@ -60,110 +59,111 @@ class LlavaRCCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
 
 
 class CompressedGenerationMixin(CompressionPlanner):
-    """Compression for a LLaVA-family ``...ForConditionalGeneration``: put it first in the bases.
+    """Compression around the stock ``forward()`` / ``generate()`` of a ``...ForConditionalGeneration``: put it first
+    in the bases (after the family's hooks).
 
     ``generate(..., compression={...})`` and ``forward(..., compression={...})`` override the settings for one
-    call; nothing is stored on the model.
+    call; nothing is stored on the model. The rules here (validation order, the stock path, the cache flag, the
+    continuation rule, restoring the caller's ids) are the same for every family; a family says only which stock
+    arguments are its image, video and embedding inputs (the class attributes below) and answers the plumbing hooks
+    ``_encode_inputs``, ``_language_model_inputs`` and ``_after_compressed_call``. Its ``forward`` states the stock
+    signature (plus ``compression`` and the guidance inputs) and calls ``_compressed_forward``.
     """
 
-    # ---- forward --------------------------------------------------------------------------------------------
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        image_sizes: torch.Tensor | None = None,
-        compression: dict | str | None = None,
-        guidance_mask: torch.Tensor | None = None,
-        guidance_input_ids: torch.Tensor | None = None,
-        guidance_attention_mask: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ):
-        r"""
-        Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first
-        and the returned logits, ``labels`` and ``attention_mask`` are at the compressed length (positions are
-        recounted over the rebuilt mask; the batch keeps the caller's padding side: right when a row ends with
-        padding, else left). So are ``hidden_states`` and ``attentions`` (``output_hidden_states``,
-        ``output_attentions``): one position per token the language model read. ``return_dict=False`` returns
-        the output as a tuple, as stock does. Without ``pixel_values``, or with method ``"none"``, this is exactly
-        the stock call (nothing parsed when ``compression`` is None or a method name alone: graph-safe for
-        ``torch.compile(fullgraph=True)``; other settings are validated on every path, as by ``generate()``). With
-        ``use_cache=True`` the returned cache of a compressed call holds the compressed prompt: decode from it with
-        the returned ``attention_mask``; ``generate(past_key_values=...)`` refuses it (see ``generate()``).
+    # Stock arguments besides pixel_values that the encode reads (``compress_inputs`` keywords, through
+    # ``_encode_inputs``): with compression on they go to the pre-pass instead of the stock call.
+    _image_inputs: tuple[str, ...] = ()
+    # Stock video arguments, the pixels first: refused with compression on (forward() then drops them).
+    _video_inputs: tuple[str, ...] = ()
+    # Stock arguments that hand the language model precomputed input: refused with compression on (it builds that
+    # input itself).
+    _embedding_inputs: tuple[str, ...] = ("inputs_embeds",)
+    # What a continuation must pass again, named in the error that refuses a compressed cache.
+    _continuation_inputs: tuple[str, ...] = ("pixel_values",)
 
-        compression (`dict` or `str`, *optional*): settings for this call, updating ``config.compression``: keys
-            given replace the config's settings of the same method, naming another method starts from its defaults,
-            e.g. ``{"budget": 64}`` or ``{"method": "cls_attention", "budget": 64}``; a method name alone means
-            ``{"method": name}``.
-        guidance_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 on the question's
-            tokens, for text-guided methods (the processor makes it); defaults to every text token of the prompt.
-        guidance_input_ids, guidance_attention_mask (`torch.Tensor` of shape `(batch_size, guidance_length)`,
-            *optional*): the question tokenized for the CLIP text tower (``guidance="clip"``; the processor makes
-            them). An all-zero mask row means the prompt has no question.
+    # ---- plumbing hooks -------------------------------------------------------------------------------------
+    def _encode_inputs(self, image_inputs: dict) -> dict:
+        """The stock image arguments (``_image_inputs`` by name) -> keyword arguments of ``compress_inputs``."""
+        return image_inputs
+
+    def _language_model_inputs(self, batch: CompressedBatch, generating: bool) -> dict:
+        """What the stock ``forward()`` (generating False) or ``generate()`` reads besides the rebuilt mask and labels.
+
+        Default: the merged embeddings; ``generate()`` also gets the rebuilt ids for its bookkeeping (and counts the
+        positions itself over the mask), ``forward()`` the positions of ``_position_ids``. The caller's position ids
+        are replaced (with a warning) by forward() always, by generate() where this returns position ids.
+        """
+        if generating:
+            return {"input_ids": batch.packed.input_ids, "inputs_embeds": batch.inputs_embeds}
+        return {"input_ids": None, "inputs_embeds": batch.inputs_embeds, "position_ids": self._position_ids(batch.packed)}
+
+    def _after_compressed_call(self, batch: CompressedBatch) -> None:
+        """Runs after the stock call of a compressed prompt (Qwen: ``rope_deltas`` of the compressed rows)."""
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def _refuse_video(self, method: str | None, inputs: dict) -> None:
+        if self._video_inputs and inputs.get(self._video_inputs[0]) is not None and method != "none":
+            raise ValueError(
+                f"compression method {method!r} compresses images, not videos: pass compression={{'method': 'none'}} "
+                f"for a call with {self._video_inputs[0]}"
+            )
+
+    def _refuse_embeddings(self, input_ids, inputs: dict, hint: str = "") -> None:
+        if input_ids is None or any(inputs.get(name) is not None for name in self._embedding_inputs):
+            raise ValueError(
+                f"compression needs input_ids (to find the image placeholders) and no "
+                f"{' or '.join(self._embedding_inputs)}{hint}"
+            )
+
+    def _compressed_forward(self, compression, inputs: dict, guidance: dict):
+        """The shared ``forward()``: ``inputs`` holds the stock forward's arguments by name (extra keyword arguments
+        included), ``guidance`` the three guidance inputs. Returns a ``ModelOutput`` (the family's ``forward`` is
+        wrapped in ``can_return_tuple``).
+
+        Without ``pixel_values``, or with method ``"none"``, this is the stock call with the caller's arguments.
+        Otherwise the images are compressed first (``compress_inputs``) and the stock forward reads the rebuilt
+        batch: logits, ``labels``, ``attention_mask``, ``hidden_states`` and ``attentions`` come back at the
+        compressed length; given ``position_ids`` are replaced (with a warning); a non-empty cache, video inputs and
+        precomputed embeddings are refused; a cache filled here is flagged so that ``generate()`` refuses to
+        continue it.
         """
         method = self._compression_method(compression)  # validates any setting beyond a method name
-        if pixel_values is None or method == "none":
-            return super().forward(
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                labels=labels,
-                logits_to_keep=logits_to_keep,
-                image_sizes=image_sizes,
-                **kwargs,
-            )
+        self._refuse_video(method, inputs)
+        if inputs.get("pixel_values") is None or method == "none":
+            return super().forward(**inputs)
         settings = self.compression_settings(compression)
-        if input_ids is None or inputs_embeds is not None:
-            raise ValueError(
-                "compression needs input_ids (to find the image placeholders) and no inputs_embeds; "
-                "pass input_ids, or compression={'method': 'none'}"
-            )
+        input_ids = inputs.pop("input_ids")
+        self._refuse_embeddings(input_ids, inputs, "; pass input_ids, or compression={'method': 'none'}")
+        past_key_values = inputs.get("past_key_values")
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             raise ValueError(
                 "pixel_values with a non-empty past_key_values: compression rebuilds the whole prompt, so images "
                 "must come with the first forward of a sequence"
             )
-        if position_ids is not None:
+        for name in (*self._embedding_inputs, *self._video_inputs):
+            inputs.pop(name, None)
+        if inputs.pop("position_ids", None) is not None:
             logger.warning_once("position_ids are recomputed over the compressed sequence; the given ones are unused")
+        labels = inputs.pop("labels", None)
         batch = self.compress_inputs(
             input_ids,
-            pixel_values,
-            attention_mask=attention_mask,
+            inputs.pop("pixel_values"),
+            attention_mask=inputs.pop("attention_mask", None),
             labels=labels,
             settings=settings,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            guidance_mask=guidance_mask,
-            guidance_input_ids=guidance_input_ids,
-            guidance_attention_mask=guidance_attention_mask,
-            image_sizes=image_sizes,
+            **guidance,
+            **self._encode_inputs({name: inputs.pop(name, None) for name in self._image_inputs}),
         )
         packed = batch.packed
         outputs = super().forward(
-            input_ids=None,
             attention_mask=packed.attention_mask,
-            position_ids=self._position_ids(packed),
-            past_key_values=past_key_values,
-            inputs_embeds=batch.inputs_embeds,
             labels=packed.labels,
-            logits_to_keep=logits_to_keep,
             return_dict=True,
-            **kwargs,
+            **self._language_model_inputs(batch, generating=False),
+            **inputs,
         )
-        if outputs.past_key_values is not None:
+        self._after_compressed_call(batch)
+        if outputs.past_key_values is not None:  # it holds the compressed prompt: generate() refuses to continue it
             setattr(outputs.past_key_values, COMPRESSED_CACHE_FLAG, True)
         return LlavaRCCausalLMOutputWithPast(
             loss=outputs.loss,
@@ -171,7 +171,7 @@ class CompressedGenerationMixin(CompressionPlanner):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            image_hidden_states=getattr(outputs, "image_hidden_states", None),
             labels=packed.labels,
             attention_mask=packed.attention_mask,
             compression=batch.report,
@@ -191,19 +191,22 @@ class CompressedGenerationMixin(CompressionPlanner):
         The returned ``past_key_values`` of a compressed call hold the compressed prompt, not ``out.sequences``:
         passing them back to continue is refused with a ValueError, as is any cache filled from a compressed prompt
         (``forward(use_cache=True)`` with compression on). Continue with ``generate(input_ids=out.sequences,
-        pixel_values=..., attention_mask=...)`` without the cache (the prompt is compressed again).
+        pixel_values=..., attention_mask=...)`` (plus the family's other image inputs) without the cache (the prompt
+        is compressed again).
 
         compression (`dict` or `str`, *optional*): settings for this call, updating ``config.compression`` (keys
             given replace the config's settings of the same method; naming another method starts from its defaults;
             a method name alone means ``{"method": name}``).
         """
         if getattr(kwargs.get("past_key_values"), COMPRESSED_CACHE_FLAG, False):
+            again = ", ".join(f"{name}=..." for name in self._continuation_inputs)
             raise ValueError(
                 "past_key_values were filled from a compressed prompt (by generate() or forward() with compression "
                 "on): they no longer line up with the caller's input_ids. Continue without the cache: "
-                "generate(input_ids=out.sequences, pixel_values=..., attention_mask=...) compresses the images again"
+                f"generate(input_ids=out.sequences, {again}, attention_mask=...) compresses the images again"
             )
         settings = self.compression_settings(compression)  # parsed once per call, never per decoding step
+        self._refuse_video(settings.method, kwargs)
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None or settings.method == "none":
@@ -211,16 +214,15 @@ class CompressedGenerationMixin(CompressionPlanner):
                 kwargs.pop(name, None)
             if settings.method == "none":
                 # forward() sees the per-call settings too, so a "none" override stays off in the prefill (and for
-                # inputs the model refuses to compress, such as OneVision's videos).
+                # inputs the model refuses to compress, such as videos).
                 kwargs["compression"] = {"method": "none"}
             outputs = super().generate(input_ids, **kwargs)
             if not isinstance(outputs, torch.Tensor):
                 outputs.compression = None
             return outputs
-        if input_ids is None or kwargs.get("inputs_embeds") is not None:
-            raise ValueError("compression needs input_ids (to find the image placeholders) and no inputs_embeds")
+        self._refuse_embeddings(input_ids, kwargs)
         if kwargs.get("assistant_model") is not None:
-            raise ValueError("assisted decoding is not supported with compression (it cannot start from embeddings)")
+            raise ValueError("assisted decoding is not supported with compression")
 
         kwargs.pop("pixel_values")
         attention_mask = kwargs.pop("attention_mask", None)
@@ -229,22 +231,17 @@ class CompressedGenerationMixin(CompressionPlanner):
             pixel_values,
             attention_mask=attention_mask,
             settings=settings,
-            vision_feature_layer=kwargs.pop("vision_feature_layer", None),
-            vision_feature_select_strategy=kwargs.pop("vision_feature_select_strategy", None),
-            guidance_mask=kwargs.pop("guidance_mask", None),
-            guidance_input_ids=kwargs.pop("guidance_input_ids", None),
-            guidance_attention_mask=kwargs.pop("guidance_attention_mask", None),
             pad_left=True,
-            image_sizes=kwargs.pop("image_sizes", None),
+            **{name: kwargs.pop(name, None) for name in GUIDANCE_INPUTS},
+            **self._encode_inputs({name: kwargs.pop(name, None) for name in self._image_inputs}),
         )
         packed = batch.packed
+        handoff = self._language_model_inputs(batch, generating=True)
+        if "position_ids" in handoff and kwargs.pop("position_ids", None) is not None:
+            logger.warning_once("position_ids are recomputed over the compressed sequence; the given ones are unused")
         self._shift_absolute_lengths(kwargs, packed.input_ids.shape[1] - input_ids.shape[1])
-        outputs = super().generate(
-            input_ids=packed.input_ids,
-            inputs_embeds=batch.inputs_embeds,
-            attention_mask=packed.attention_mask,
-            **kwargs,
-        )
+        outputs = super().generate(attention_mask=packed.attention_mask, **handoff, **kwargs)
+        self._after_compressed_call(batch)
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
         copies = sequences.shape[0] // input_ids.shape[0]  # beams / num_return_sequences
         new_tokens = sequences[:, packed.input_ids.shape[1] :]

@@ -1,9 +1,10 @@
 """LLaVA and LLaVA-NeXT whose visual tokens are compressed before the language model reads them.
 
 ``LlavaRCForConditionalGeneration`` (LLaVA-1.5) and ``LlavaNextRCForConditionalGeneration`` (LLaVA-NeXT, anyres)
-inherit everything from the stock transformers classes and share the compression machinery of
-``compressed_generation.CompressedGenerationMixin`` (the pre-pass, ``forward(labels)``, ``generate()``, the
-report). What differs is how an image becomes visual tokens, given here as the mixin's hooks:
+inherit everything from the stock transformers classes and share the compression machinery (``planning``: the
+pre-pass and the report; ``compressed_generation``: ``forward(labels)``, ``generate()``) and the LLaVA line's encode
+(``family_llava.LlavaFamilyMixin``: the tower over crops, importance, guidance). What differs is how an image
+becomes visual tokens, given here as hooks:
 
 - LLaVA-1.5: one crop per image, its N = (image_size / patch_size)^2 patches in raster order.
 - LLaVA-NeXT: a base view (the whole image resized, N patches) plus the crops of the best-fitting grid pinpoint;
@@ -46,20 +47,16 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
 
-from .compressed_generation import (
-    NEWLINE,
-    CompressedGenerationMixin,
-    CompressionReport,
-    ImageLayout,
-    LlavaRCCausalLMOutputWithPast,
-)
+from .compressed_generation import NEWLINE, CompressionReport, ImageLayout, LlavaRCCausalLMOutputWithPast
+from .family_llava import LlavaFamilyMixin
 from .compression_common import apply_plan
 from .configuration_llava_rc import LlavaNextRCConfig, LlavaOnevisionRCConfig, LlavaRCConfig
 from .input_checks import check_pixel_values, flatten_crops
 
 
-class LlavaRCForConditionalGeneration(CompressedGenerationMixin, LlavaForConditionalGeneration):
+class LlavaRCForConditionalGeneration(LlavaFamilyMixin, LlavaForConditionalGeneration):
     """LLaVA that compresses each image's visual tokens according to ``config.compression``.
 
     ``generate(..., compression={...})`` and ``forward(..., compression={...})`` override the settings for one
@@ -87,7 +84,7 @@ class LlavaRCForConditionalGeneration(CompressedGenerationMixin, LlavaForConditi
         ]
 
 
-class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextForConditionalGeneration):
+class LlavaNextRCForConditionalGeneration(LlavaFamilyMixin, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT (anyres) that compresses each image's visual tokens according to ``config.compression``.
 
     Budget semantics, newline tokens and how [CLS]-based methods and RC read several crops: see the module
@@ -96,6 +93,7 @@ class LlavaNextRCForConditionalGeneration(CompressedGenerationMixin, LlavaNextFo
     """
 
     config_class = LlavaNextRCConfig
+    _continuation_inputs = ("pixel_values", "image_sizes")
 
     def __init__(self, config: LlavaNextRCConfig):
         super().__init__(config)
@@ -224,7 +222,7 @@ class OnevisionImageLayout(ImageLayout):
     aspect_ratio: str = "anyres_max_9"
 
 
-class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaOnevisionForConditionalGeneration):
+class LlavaOnevisionRCForConditionalGeneration(LlavaFamilyMixin, LlavaOnevisionForConditionalGeneration):
     """LLaVA-OneVision (SigLIP tower without [CLS], Qwen2) that compresses each image's visual tokens.
 
     The image's tokens are those of the stock model: a single-image row reads the base view (N tokens, no newline)
@@ -363,14 +361,23 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
             return apply_plan(pack(projected), plan)  # (I_g, K, D)
         return super()._plan_tokens(signals, plan, pack, settings)
 
-    # ---- forward / generate: the stock OneVision inputs ------------------------------------------------------
-    def _refuse_video(self, method: str | None, pixel_values_videos) -> None:
-        if pixel_values_videos is not None and method != "none":
-            raise ValueError(
-                f"video input (pixel_values_videos) is not compressed, but compression is on (method {method!r}); "
-                "pass compression={'method': 'none'} for video prompts"
-            )
+    # ---- plumbing hooks: the stock OneVision inputs --------------------------------------------------------
+    _image_inputs = (
+        "vision_feature_layer", "vision_feature_select_strategy", "image_sizes", "batch_num_images", "vision_aspect_ratio"
+    )
+    _video_inputs = ("pixel_values_videos", "image_sizes_videos")
+    _continuation_inputs = ("pixel_values", "image_sizes")
 
+    def _encode_inputs(self, image_inputs: dict) -> dict:
+        """``image_sizes``, ``batch_num_images`` and ``vision_aspect_ratio`` folded into one ``OnevisionImageGeometry``,
+        the image argument the hooks receive (compression on only; off, the stock inputs go to the stock code)."""
+        image_inputs = dict(image_inputs)
+        image_inputs["image_sizes"] = self.image_geometry(
+            image_inputs["image_sizes"], image_inputs.pop("batch_num_images"), image_inputs.pop("vision_aspect_ratio")
+        )
+        return image_inputs
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -396,52 +403,34 @@ class LlavaOnevisionRCForConditionalGeneration(CompressedGenerationMixin, LlavaO
     ):
         r"""
         Stock forward, except that with ``pixel_values`` and compression on, the image tokens are compressed first
-        (see ``CompressedGenerationMixin.forward``). ``pixel_values_videos`` with compression on raise a ValueError.
+        (see ``LlavaFamilyMixin.forward``). ``pixel_values_videos`` with compression on raise a ValueError.
         Without images, or with ``"none"``, nothing is parsed: the stock call.
 
         compression (`dict` or `str`, *optional*): settings for this call only; defaults to ``config.compression``.
         """
-        method = self._compression_method(compression)
-        self._refuse_video(method, pixel_values_videos)
-        stock_inputs = {}
-        if pixel_values is not None and method != "none":
-            image_sizes = self.image_geometry(image_sizes, batch_num_images, vision_aspect_ratio)
-        else:
-            stock_inputs = dict(
+        return self._compressed_forward(
+            compression,
+            dict(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                image_sizes=image_sizes,
                 pixel_values_videos=pixel_values_videos,
                 image_sizes_videos=image_sizes_videos,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
                 vision_aspect_ratio=vision_aspect_ratio,
                 batch_num_images=batch_num_images,
-            )
-        return super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            image_sizes=image_sizes,
-            compression=compression,
-            guidance_mask=guidance_mask,
-            guidance_input_ids=guidance_input_ids,
-            guidance_attention_mask=guidance_attention_mask,
-            **stock_inputs,
-            **kwargs,
+                labels=labels,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            ),
+            dict(
+                guidance_mask=guidance_mask,
+                guidance_input_ids=guidance_input_ids,
+                guidance_attention_mask=guidance_attention_mask,
+            ),
         )
-
-    @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, compression: dict | str | None = None, **kwargs):
-        r"""``CompressedGenerationMixin.generate`` with the stock OneVision inputs (``batch_num_images``,
-        ``vision_aspect_ratio``); compression off (or a text-only / video call with it off) is the stock generate.
-        ``pixel_values_videos`` with compression on raise a ValueError."""
-        settings = self.compression_settings(compression)
-        self._refuse_video(settings.method, kwargs.get("pixel_values_videos"))
-        if settings.method != "none" and kwargs.get("pixel_values") is not None:
-            kwargs["image_sizes"] = self.image_geometry(
-                kwargs.get("image_sizes"), kwargs.pop("batch_num_images", None), kwargs.pop("vision_aspect_ratio", None)
-            )
-        return super().generate(inputs, compression=settings, **kwargs)

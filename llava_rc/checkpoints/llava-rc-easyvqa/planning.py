@@ -1,50 +1,39 @@
-"""Planning the compression of a batch: the vision tower once, per-crop-token signals, the method per image
-geometry, newline tokens back in place, and the rebuilt batch (``sequence_packing``) around the kept tokens.
+"""Planning the compression of a batch: which tokens each image keeps, and the rebuilt batch around them.
 
-``CompressionPlanner`` is the part of the model that turns ids and pixels into the language model's input, with no
-transformers plumbing (``compressed_generation`` hands its result to the stock ``forward()`` / ``generate()``):
+``CompressionPlanner`` turns ids and pixels into the language model's input, with no transformers plumbing
+(``compressed_generation`` hands its result to the stock ``forward()`` / ``generate()``). ``compress_inputs`` is the
+same for every family:
 
-1. the vision tower runs once over every crop of every image (LLaVA-1.5: one crop per image; LLaVA-NeXT: the base
-   view and the high-resolution crops); the method's inputs ([CLS] attention of each crop recomputed from the
-   stored hidden states with the attention layer's own norm and q/k projections, patch keys, text guidance scores)
-   are computed per crop token;
-2. each image's tokens are gathered in the language model's reading order (its *layout*, given by the model class:
-   identity for LLaVA-1.5; base view then the unpadded high-resolution grid for LLaVA-NeXT, where row-end newline
-   tokens are set aside) and the method (a pure function from ``compression_registry.METHODS``) returns a plan:
-   which tokens survive and which originals each output token absorbs;
-3. newline tokens, when the layout has them, are all kept and put back at the end of their rows, the output tokens
-   in reading order;
-4. each image's placeholder run is shortened to its kept count, the batch is re-padded, and labels, attention
-   mask and position ids are rebuilt to match (``sequence_packing``).
+1. the family encodes the images once (``_encode_images``: the tower over every crop, each image's layout);
+2. one host sync validates the placeholders against the images (count, mask, finite features) and brings the row
+   counts from which the rebuilt width follows on the host;
+3. the family computes what a method may read per crop token (``_crop_signals``: features, importance, keys);
+   text-guided methods add the cosine between each crop token (``_guidance_patches``) and its row's question;
+4. per image geometry, one batched method call (a pure function from ``compression_registry.METHODS``) returns a
+   plan: which tokens survive and which originals each output token absorbs (``_signal_packer`` puts each signal in
+   reading order, ``_plan_tokens`` applies the plan); newline tokens, when the layout has them, are all kept and put
+   back at the end of their rows (``_image_newline``);
+5. each image's placeholder run is shortened to its kept count and the batch re-padded (``sequence_packing``),
+   and the family lays the kept tokens out for its language model (``_language_model_batch``: merged embeddings by
+   default; Qwen: 3-D positions and the stock encoder output); the report says what happened.
 
 Images whose layouts have the same shape are compressed in one batched call; images of different shapes (anyres
-images of different sizes) are compressed in one call per shape: the documented loop over image geometries.
-
-A model class provides the family seam as hooks (docs/design.md):
-
-- encode: ``_image_crops`` (pixel values -> crops), ``_num_prefix_tokens`` (tokens before the patches: 1 for a
-  [CLS], 0 for SigLIP) and ``_crop_importance`` (per crop token: the importance score, [CLS] attention or the mean
-  attention received (``config.importance_score``), and the keys);
-- layout: ``_image_token_layouts`` (crop tokens -> each image's placeholder run), ``_image_newline`` (the newline
-  embedding, or None), ``_signal_packer`` (how a per-crop-token signal is put in reading order; a gather by
-  default, the stock packing where tokens are blends of patches) and ``_plan_tokens`` (the tokens of a plan);
-- positions: ``_position_ids`` (the 1-D renumbering over the rebuilt mask by default).
+images of different sizes, Qwen images of different grids) in one call per shape: the documented loop over image
+geometries. The hooks a family supplies are listed in docs/design.md.
 """
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.utils import logging
 
-from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan, cls_attention
+from .compression_common import CompressionInputs, MethodConfig, TokenPlan, apply_plan
 from .compression_common import resolve_guidance
 from .compression_registry import METHODS, method_function, update_compression
 from .input_checks import check_input_shapes
 from .sequence_packing import IGNORE_INDEX, PackedSequence, fill_image_slots, image_token_layout, pack_sequences
 from .sequence_packing import packed_width
-from .vision_importance import importance_score_kind, received_attention
 
 logger = logging.get_logger(__name__)
 
@@ -100,11 +89,21 @@ class CompressionReport:
 
 @dataclass
 class CompressedBatch:
-    """The language model's input after compression, plus what happened."""
+    """The language model's input after compression, plus what happened.
 
-    inputs_embeds: torch.Tensor
+    inputs_embeds: (B, L', D) the merged embeddings (LLaVA line), or None where the stock model merges the image
+    tokens itself (Qwen: ``encoder_outputs``). position_ids: (4, B, L') Qwen's text row and (t, h, w) rows, or None
+    (1-D positions from ``packed``); rope_deltas: (B, 1) the largest position + 1 - each row's real length, or None;
+    encoder_outputs: ``{"image": <the stock output class>}`` holding the kept tokens in sequence order (Qwen's
+    ``mm_encoder_outputs``), or None.
+    """
+
+    inputs_embeds: torch.Tensor | None
     packed: PackedSequence
     report: CompressionReport
+    position_ids: torch.Tensor | None = None
+    rope_deltas: torch.Tensor | None = None
+    encoder_outputs: dict | None = None
 
 
 @dataclass
@@ -138,40 +137,57 @@ class CropSignals:
     text_scores: torch.Tensor | None = None
     guidance_dim: int = 1
 
+
+@dataclass
+class EncodedImages:
+    """What a family's ``_encode_images`` hands to the shared planning: the images' layouts and what its signal and
+    hand-over hooks read again (``state``: the tower's hidden states and feature layer on the LLaVA line; the stock
+    encoder output and grids on Qwen).
+
+    layouts: one ``ImageLayout`` per image, in reading order; crops_per_image: the crops (rows of the per-crop
+    signals) of each image; non_finite: () bool on the device, True when the features a method reads hold NaN or
+    inf (read in the one validation sync); description: the images as the caller gave them, for the error on a
+    placeholder count mismatch ("pixel_values holds 2 image(s) of 16 patches each").
+    """
+
+    layouts: list[ImageLayout]
+    crops_per_image: list[int]
+    non_finite: torch.Tensor
+    description: str
+    device: torch.device
+    state: dict
+
+
 class CompressionPlanner:
     """The planning half of a compressed ``...ForConditionalGeneration``: settings, the family hooks, and
     ``compress_inputs`` (ids and pixels in, the rebuilt batch and its report out). ``CompressedGenerationMixin``
-    builds forward/generate on it."""
+    builds forward/generate on it; ``family_llava.LlavaFamilyMixin`` and ``modeling_qwen_vl_rc.QwenVLCompressionMixin``
+    answer the hooks."""
 
-    def _init_guidance_modules(self, config) -> None:
-        """"clip" guidance (the RC paper): CLIP's text tower and both projections into the shared space."""
-        self.guidance_text_model = None
-        if config.guidance_text_config is not None:
-            text_config = CLIPTextConfig(**config.guidance_text_config)
-            projection_dim = config.guidance_projection_dim
-            self.guidance_text_model = CLIPTextModel(text_config)
-            self.guidance_text_projection = nn.Linear(text_config.hidden_size, projection_dim, bias=False)
-            self.guidance_visual_projection = nn.Linear(
-                config.vision_config.hidden_size, projection_dim, bias=False
-            )
-            self.post_init()
-
-    # ---- per-architecture hooks -----------------------------------------------------------------------------
-    def _image_crops(self, pixel_values: torch.Tensor, image_sizes) -> tuple[torch.Tensor, list[int]]:
-        """(crops (P, 3, H, W) for the vision tower, crops per image) from the caller's pixel values."""
+    # ---- family hooks ---------------------------------------------------------------------------------------
+    def _encode_images(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, settings: MethodConfig,
+                       **image_inputs) -> EncodedImages:
+        """Run the vision tower once over the caller's images and lay out each image's placeholder run.
+        image_inputs: the family's other image inputs by name (``_image_inputs`` of the plumbing)."""
         raise NotImplementedError
 
-    def _image_token_layouts(self, crops_per_image: list[int], image_sizes) -> list[ImageLayout]:
-        """Each image's placeholder run in terms of crop tokens, in the order the stock model fills it."""
+    def _crop_signals(self, encoded: EncodedImages, settings: MethodConfig) -> CropSignals:
+        """Everything a method may read but the text scores, per crop token: (P, N, ...) tensors."""
         raise NotImplementedError
+
+    def _guidance_patches(self, encoded: EncodedImages, signals: CropSignals, settings: MethodConfig) -> torch.Tensor:
+        """(P, N, W) the crop tokens in the space of the question embedding (``_llm_question`` / ``_clip_question``)."""
+        raise NotImplementedError
+
+    def _plan_tokens(self, signals: CropSignals, plan: TokenPlan, pack, settings: MethodConfig) -> torch.Tensor:
+        """(I_g, K, D) the language-model tokens of a plan; pack: the group's ``_signal_packer``. Default: the plan
+        applied to ``signals.projected`` (tokens already in the language model's space): a gather, or the same
+        weighted average for merged tokens."""
+        return apply_plan(pack(signals.projected), plan)
 
     def _image_newline(self) -> torch.Tensor | None:
         """(D,) the embedding of a newline token, or None when layouts have none."""
         return None
-
-    def _num_prefix_tokens(self) -> int:
-        """Tokens before the patches in the vision tower's output: 1 for a [CLS] (CLIP), 0 for none (SigLIP)."""
-        return 1
 
     def _signal_packer(self, layouts: list[ImageLayout], device: torch.device):
         """A function from a per-crop-token signal (P, N, ...) to (I_g, M, ...): each image's non-newline tokens in
@@ -184,16 +200,6 @@ class CompressionPlanner:
             return None if per_crop is None else per_crop.flatten(0, 1)[index]
 
         return gather
-
-    def _plan_tokens(self, signals: "CropSignals", plan: TokenPlan, pack, settings: MethodConfig) -> torch.Tensor:
-        """(I_g, K, D) the language-model tokens of a plan; pack: the group's ``_signal_packer``.
-
-        A selection plan (no merge weights) of patches already projected (stage "projected", or "llm" guidance) is
-        a gather of that projection; merged features must go through the (nonlinear) projector.
-        """
-        if settings.stage == "projected" or (plan.is_selection and signals.projected is not None):
-            return apply_plan(pack(signals.projected), plan)  # (I_g, K, D)
-        return self.model.multi_modal_projector(apply_plan(pack(signals.features), plan))  # (I_g, K, D)
 
     def _position_ids(self, packed: PackedSequence) -> torch.Tensor:
         """Position ids of the rebuilt sequence: the 1-D count over its mask (families with 3-D positions override)."""
@@ -244,94 +250,6 @@ class CompressionPlanner:
         return self.compression_settings(compression).method
 
     # ---- the pre-pass ---------------------------------------------------------------------------------------
-    def _vision_feature_layer(self, vision_feature_layer) -> int:
-        """The feature layer as an index into the tower's hidden states (a one-element list counts as its int)."""
-        layer = vision_feature_layer if vision_feature_layer is not None else self.config.vision_feature_layer
-        if isinstance(layer, (list, tuple)) and len(layer) == 1:
-            layer = layer[0]
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(
-                f"compression supports a single vision_feature_layer (an int), got {layer!r}; "
-                "use compression={'method': 'none'} for multi-layer features"
-            )
-        num_states = self.config.vision_config.num_hidden_layers + 1  # the embeddings, then each layer's output
-        if not -num_states <= layer < num_states:
-            raise ValueError(
-                f"vision_feature_layer={layer} is out of range for a vision tower with "
-                f"{num_states - 1} layers; expected an int in [-{num_states}, {num_states - 1}]"
-            )
-        return layer
-
-    def _attention_layer_index(self, feature_layer: int, settings: MethodConfig) -> int:
-        """The encoder layer whose [CLS] attention a method reads (see ``_attention_inputs``)."""
-        num_layers = self.config.vision_config.num_hidden_layers
-        requested = getattr(settings, "cls_attention_layer", None)
-        if requested is None:
-            consuming = feature_layer % (num_layers + 1)  # hidden_states[l] is layer l's input
-            producing = getattr(settings, "attention_layer", "consuming") == "producing"
-            return min(max(consuming - producing, 0), num_layers - 1)
-        if -num_layers <= requested < num_layers:
-            return requested % num_layers
-        raise ValueError(
-            f"cls_attention_layer={requested} is out of range for a vision tower with {num_layers} layers; "
-            f"expected an int in [-{num_layers}, {num_layers - 1}]"
-        )
-
-    def _attention_inputs(
-        self, hidden_states: tuple, feature_layer: int, settings: MethodConfig, all_queries: bool = False
-    ):
-        """[CLS] query (P, A) (all_queries: every token's, (P, T, A)) and keys (P, T, A) of every crop, T = prefix + N
-        tokens ([CLS] first when the tower has one), recomputed from the stored hidden states.
-
-        Layer ``l`` of the encoder reads ``hidden_states[l]``; by default the attention layer is the one that reads
-        the feature layer's output (for LLaVA's -2, the last layer), or the last layer when the features are the
-        final output; a method whose settings say ``attention_layer="producing"`` (FasterVLM) reads the layer that
-        produces it instead (for -2, the one before the last). The layer's own pre-norm and q/k projections are
-        applied, so no hooks and no ``output_attentions`` are needed and SDPA/FlashAttention stay on.
-        """
-        tower = self.model.vision_tower
-        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
-        if encoder is None or not hasattr(encoder, "layers"):
-            raise ValueError(
-                f"{settings.method!r} reads vision attention, which needs a CLIP/SigLIP-style vision tower with an "
-                f"encoder of attention layers; got {type(tower).__name__}"
-            )
-        layer_index = self._attention_layer_index(feature_layer, settings)
-        layer = encoder.layers[layer_index]
-        normed = layer.layer_norm1(hidden_states[layer_index])  # (P, T, C)
-        query = layer.self_attn.q_proj(normed if all_queries else normed[:, 0])  # (P, T, A) or (P, A)
-        keys = layer.self_attn.k_proj(normed)  # (P, T, A)
-        return query, keys, layer.self_attn.num_heads
-
-    def _crop_importance(
-        self, hidden_states: tuple, feature_layer: int, settings: MethodConfig
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """Per crop token: (importance per head (P, N), importance joint (P, N), keys (P, N, A), num_heads).
-
-        ``config.importance_score`` picks the score: ``"cls_attention"`` (each crop's own [CLS] attention, softmax over
-        that crop) or ``"received_attention"`` (the mean attention each token receives from all tokens of its crop,
-        averaged over queries and heads; for towers without [CLS]); None = [CLS] attention when the tower has a
-        [CLS], else received attention. "per head" softmaxes each head (FasterVLM, PruMerge); "joint" one softmax
-        over all heads concatenated (RC's released code).
-        """
-        prefix = self._num_prefix_tokens()
-        kind = importance_score_kind(getattr(self.config, "importance_score", None), prefix)
-        query, keys, num_heads = self._attention_inputs(
-            hidden_states, feature_layer, settings, all_queries=kind == "received_attention"
-        )
-        if kind == "cls_attention":
-            # Each crop's own [CLS] attention, softmax over that crop ([CLS] + all its N patches).
-            crops = CompressionInputs(  # cls_attention reads only the query and keys
-                features=keys, cls_query=query, attention_keys=keys, num_heads=num_heads
-            )
-            per_head = cls_attention(crops, per_head=True)  # (P, N)
-            joint = cls_attention(crops, per_head=False)  # (P, N)
-        else:
-            sinks = getattr(self.config, "attention_sinks", 0) or 0
-            per_head = received_attention(query, keys, num_heads, per_head=True, num_sinks=sinks)[:, prefix:]
-            joint = received_attention(query, keys, num_heads, per_head=False, num_sinks=sinks)[:, prefix:]
-        return per_head, joint, keys[:, prefix:], num_heads
-
     def _llm_question(
         self,
         input_ids: torch.Tensor,
@@ -400,45 +318,6 @@ class CompressionPlanner:
         target = torch.where(is_image, image_index, torch.full_like(image_index, num_images))
         image_row = torch.zeros(num_images + 1, dtype=torch.long, device=is_image.device)
         return image_row.scatter(0, target.flatten(), rows.flatten())[:num_images]
-
-    def _crop_signals(
-        self,
-        hidden_states: tuple,
-        feature_layer: int,
-        settings: MethodConfig,
-        crop_image: torch.Tensor,
-        image_row: torch.Tensor,
-        question: torch.Tensor | None,
-    ) -> CropSignals:
-        """Everything the method may read, for every crop token: (P, N, ...) tensors.
-
-        crop_image: (P,) the image of each crop; image_row: (I,) the batch row of each image; question: (B, W) the
-        question embedding of each row for text-guided methods, else None.
-        """
-        features = hidden_states[feature_layer][:, self._num_prefix_tokens() :]  # (P, N, C) patch tokens only
-        signals = CropSignals(features=features)
-        guidance = settings.guidance_source
-        if settings.stage == "projected" or guidance == "llm":
-            signals.projected = self.model.multi_modal_projector(features)  # (P, N, D)
-        with torch.no_grad():
-            if settings.needs_attention:
-                importance = self._crop_importance(hidden_states, feature_layer, settings)
-                signals.attention_per_head, signals.attention_joint, signals.keys, signals.num_heads = importance
-            if guidance is not None:
-                if guidance == "llm":
-                    patches = signals.projected.detach()  # (P, N, D)
-                else:
-                    # CLIP's own image-text space: the final layer's patch tokens, post-norm, visual projection.
-                    final_patches = self.model.vision_tower.post_layernorm(
-                        hidden_states[-1][:, self._num_prefix_tokens() :]
-                    )  # (P, N, C)
-                    patches = self.guidance_visual_projection(final_patches)  # (P, N, W)
-                crop_question = question.to(patches.device)[image_row.to(patches.device)[crop_image]]  # (P, W)
-                signals.text_scores = torch.nn.functional.cosine_similarity(
-                    patches.float(), crop_question.unsqueeze(1), dim=-1
-                )  # (P, N)
-                signals.guidance_dim = patches.shape[-1]
-        return signals
 
     def _compress_group(
         self,
@@ -510,6 +389,23 @@ class CompressionPlanner:
         absorbed = absorbed.gather(1, order.unsqueeze(-1).expand(-1, -1, absorbed.shape[-1]))  # (I_g, K + R, M)
         return tokens, TokenPlan(source_index=source, counts=plan.counts + num_newlines), absorbed
 
+    def _language_model_batch(
+        self,
+        encoded: EncodedImages,
+        packed: PackedSequence,
+        image_tokens: torch.Tensor,
+        plan: TokenPlan,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> dict:
+        """The family's language-model input around the rebuilt batch, as ``CompressedBatch`` fields.
+
+        image_tokens: (I, K, D) the kept tokens of every image in reading order; plan: their sources and counts.
+        Default: the merged embeddings (the rebuilt ids' embeddings with the image tokens in their slots).
+        """
+        text_embeds = self.get_input_embeddings()(packed.input_ids)  # (B, L', D)
+        return {"inputs_embeds": fill_image_slots(text_embeds, image_tokens, packed.image_slot)}
+
     def compress_inputs(
         self,
         input_ids: torch.Tensor,
@@ -517,55 +413,40 @@ class CompressionPlanner:
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         settings: MethodConfig | None = None,
-        vision_feature_layer: int | None = None,
-        vision_feature_select_strategy: str | None = None,
         guidance_mask: torch.Tensor | None = None,
         guidance_input_ids: torch.Tensor | None = None,
         guidance_attention_mask: torch.Tensor | None = None,
         pad_left: bool | None = None,
-        image_sizes: torch.Tensor | None = None,
+        **image_inputs,
     ) -> CompressedBatch:
         """Encode the images once, compress them, and rebuild the batch around the kept tokens.
 
         input_ids: (B, L) with each image expanded to its placeholder run; pixel_values: the images in reading
-        order ((I, 3, H, W) for LLaVA-1.5; (I, P, 3, H, W) crops with ``image_sizes`` (I, 2) for LLaVA-NeXT);
-        attention_mask, labels, guidance_mask: (B, L) or None; guidance_input_ids, guidance_attention_mask: (B, T)
-        the question for the CLIP text tower, or None. pad_left: re-pad side; None keeps the caller's side (right
-        when any row ends with padding, else left, so every row's last position stays its last real token).
+        order ((I, 3, H, W) for LLaVA-1.5; (I, P, 3, H, W) crops with ``image_sizes`` (I, 2) for LLaVA-NeXT; packed
+        patches with ``image_grid_thw`` (I, 3) for Qwen); attention_mask, labels, guidance_mask: (B, L) or None;
+        guidance_input_ids, guidance_attention_mask: (B, T) the question for the CLIP text tower, or None.
+        image_inputs: the family's other image inputs (``_encode_images`` keywords: ``vision_feature_layer``,
+        ``vision_feature_select_strategy``, ``image_sizes`` on the LLaVA line; ``image_grid_thw``,
+        ``mm_token_type_ids`` on Qwen). pad_left: re-pad side; None keeps the caller's side (right when any row ends
+        with padding, else left, so every row's last position stays its last real token).
         """
         settings = settings if settings is not None else self.compression_settings()
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        expected_strategy = "default" if self._num_prefix_tokens() else "full"
-        if strategy != expected_strategy:
-            raise ValueError(
-                f"compression needs vision_feature_select_strategy={expected_strategy!r} (the patch tokens, without "
-                f"[CLS]) for this model, got {strategy!r}"
-            )
-        feature_layer = self._vision_feature_layer(vision_feature_layer)
-        attention_layer = self._attention_layer_index(feature_layer, settings) if settings.needs_attention else None
         check_input_shapes(
             input_ids, attention_mask, labels, guidance_mask, guidance_input_ids, guidance_attention_mask
         )
+        encoded = self._encode_images(input_ids, pixel_values, settings, **image_inputs)
+        layouts = encoded.layouts
         image_token_id = self.config.image_token_id
         is_image = input_ids == image_token_id
-        crops, crops_per_image = self._image_crops(pixel_values, image_sizes)
-        layouts = self._image_token_layouts(crops_per_image, image_sizes)
         num_images = len(layouts)
         run_lengths = [layout.token_index.shape[0] for layout in layouts]
         patch_counts = [int((layout.token_index != NEWLINE).sum()) for layout in layouts]  # host tensors
-
-        vision_tower = self.model.vision_tower
-        hidden_states = vision_tower(
-            crops.to(vision_tower.dtype), output_hidden_states=True, return_dict=True
-        ).hidden_states
-        device = hidden_states[0].device
+        device = encoded.device
         # One host sync for validation: clear errors instead of silently misaligned tokens or a NaN attention that
         # quietly keeps nothing. It comes after the tower so that the features' finiteness travels with it; the
         # same transfer brings each row's placeholder and real text counts, from which the rebuilt width follows
         # on the host when the kept counts are fixed (no second sync in pack_sequences).
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(is_image)
-        read_states = {feature_layer % len(hidden_states)} | ({attention_layer} if attention_layer is not None else set())
-        non_finite = torch.stack([(~hidden_states[index].isfinite()).any() for index in sorted(read_states)]).any()
         host_counts = torch.cat(
             [
                 torch.stack(
@@ -573,7 +454,7 @@ class CompressionPlanner:
                         is_image.sum(),
                         (~real[:, -1]).any().long(),
                         (is_image & ~real).sum(),
-                        non_finite.long().to(is_image.device),
+                        encoded.non_finite.long().to(is_image.device),
                     ]
                 ),
                 is_image.sum(dim=1),  # (B,) placeholders per row
@@ -589,10 +470,9 @@ class CompressionPlanner:
                 f"(id {image_token_id}); put the processor's image placeholder in the prompt"
             )
         if num_placeholders != sum(run_lengths):
-            per_image = f"{run_lengths[0]} patches each" if len(set(run_lengths)) == 1 else f"{run_lengths} tokens"
             raise ValueError(
-                f"input_ids has {num_placeholders} image tokens but pixel_values holds {num_images} image(s) of "
-                f"{per_image} (expected {sum(run_lengths)} image tokens)"
+                f"input_ids has {num_placeholders} image tokens but {encoded.description} "
+                f"(expected {sum(run_lengths)} image tokens)"
             )
         if masked_placeholders:
             raise ValueError(
@@ -614,35 +494,27 @@ class CompressionPlanner:
             if len(set(run_lengths)) == 1
             else torch.tensor(run_lengths, dtype=torch.long, device=input_ids.device)
         )
-        crop_image = torch.repeat_interleave(
-            torch.arange(num_images, device=device), host_to_device(crops_per_image, device)
-        )  # (P,)
-        image_row = question = image_has_text = None
+        signals = self._crop_signals(encoded, settings)
+        image_has_text = None
         if settings.guidance_source is not None:
             image_row = self._image_rows(is_image, num_images, tokens_per_image).to(device)  # (I,)
-            if settings.guidance_source == "llm":
-                with torch.no_grad():
+            crop_image = torch.repeat_interleave(
+                torch.arange(num_images, device=device), host_to_device(encoded.crops_per_image, device)
+            )  # (P,)
+            with torch.no_grad():
+                if settings.guidance_source == "llm":
                     question, has_text = self._llm_question(input_ids, attention_mask, labels, guidance_mask)
-            else:
-                with torch.no_grad():
+                else:
                     question, has_text = self._clip_question(guidance_input_ids, guidance_attention_mask)
+                patches = self._guidance_patches(encoded, signals, settings)  # (P, N, W)
+                crop_question = question.to(patches.device)[image_row.to(patches.device)[crop_image]]  # (P, W)
+                signals.text_scores = torch.nn.functional.cosine_similarity(
+                    patches.float(), crop_question.unsqueeze(1), dim=-1
+                )  # (P, N)
+                signals.guidance_dim = patches.shape[-1]
             image_has_text = has_text.to(device)[image_row]  # (I,)
-        signals = self._crop_signals(hidden_states, feature_layer, settings, crop_image, image_row, question)
 
-        # One batched method call per layout shape (images of one size share it): a loop over image geometries.
-        groups: dict[tuple, list[int]] = {}
-        for image, layout in enumerate(layouts):
-            groups.setdefault(layout.shape_key, []).append(image)
-        results = []
-        for members in groups.values():
-            member_index = host_to_device(members, device)
-            has_text = image_has_text[member_index] if image_has_text is not None else None
-            results.append((member_index, *self._compress_group(signals, [layouts[i] for i in members], has_text,
-                                                                 settings)))
-        if len(results) == 1:
-            _, image_tokens, plan, absorbed = results[0]
-        else:
-            image_tokens, plan, absorbed = self._merge_groups(results, num_images)
+        image_tokens, plan, absorbed = self._plan_images(signals, layouts, image_has_text, settings, device)
         # With fixed counts (a budget) the rebuilt width is known on the host: pack_sequences need not read it.
         fixed = [settings.fixed_count(layout.views) for layout in layouts]
         new_length = None
@@ -655,14 +527,13 @@ class CompressionPlanner:
             labels,
             image_token_id=image_token_id,
             tokens_per_image=tokens_per_image,
-            kept_counts=plan.counts,
+            kept_counts=plan.counts.to(input_ids.device),
             slots_per_image=image_tokens.shape[1],
             pad_token_id=self._pad_token_id(),
             pad_left=pad_left,
             new_length=new_length,
         )
-        text_embeds = self.get_input_embeddings()(packed.input_ids)  # (B, L', D)
-        inputs_embeds = fill_image_slots(text_embeds, image_tokens, packed.image_slot)
+        handoff = self._language_model_batch(encoded, packed, image_tokens, plan, input_ids, attention_mask)
         slot = torch.arange(plan.source_index.shape[1], device=device)  # (K,)
         synthetic = (slot < plan.counts.unsqueeze(-1)) & (plan.source_index == PADDING_SOURCE)  # (I, K)
         report = CompressionReport(
@@ -674,7 +545,33 @@ class CompressionPlanner:
             patch_counts=host_to_device(patch_counts, device),
             newline_counts=host_to_device([runs - patches for runs, patches in zip(run_lengths, patch_counts)], device),
         )
-        return CompressedBatch(inputs_embeds=inputs_embeds, packed=packed, report=report)
+        return CompressedBatch(
+            inputs_embeds=handoff.pop("inputs_embeds", None), packed=packed, report=report, **handoff
+        )
+
+    def _plan_images(
+        self,
+        signals: CropSignals,
+        layouts: list[ImageLayout],
+        image_has_text: torch.Tensor | None,
+        settings: MethodConfig,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, TokenPlan, torch.Tensor]:
+        """Which tokens each image keeps: one batched method call per layout shape (images of one size share it),
+        a loop over image geometries. Returns (tokens (I, K, D) in reading order, the plan, absorbed (I, K, M))."""
+        groups: dict[tuple, list[int]] = {}
+        for image, layout in enumerate(layouts):
+            groups.setdefault(layout.shape_key, []).append(image)
+        results = []
+        for members in groups.values():
+            member_index = host_to_device(members, device)
+            has_text = image_has_text[member_index] if image_has_text is not None else None
+            group = self._compress_group(signals, [layouts[i] for i in members], has_text, settings)
+            results.append((member_index, *group))
+        if len(results) == 1:
+            _, image_tokens, plan, absorbed = results[0]
+            return image_tokens, plan, absorbed
+        return self._merge_groups(results, num_images=len(layouts))
 
     @staticmethod
     def _merge_groups(results: list, num_images: int) -> tuple[torch.Tensor, TokenPlan, torch.Tensor]:
@@ -715,6 +612,7 @@ __all__ = [
     "CompressionPlanner",
     "CompressionReport",
     "CropSignals",
+    "EncodedImages",
     "ImageLayout",
     "host_to_device",
 ]
