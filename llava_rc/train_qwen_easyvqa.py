@@ -477,8 +477,9 @@ MODEL_CARD = """# qwen2_5-vl-rc-easyvqa
 A tiny Qwen2.5-VL-RC (`Qwen2_5_VLRCForConditionalGeneration`) trained from scratch by
 `python -m llava_rc.train_qwen_easyvqa` on easy-VQA and 2x2 mosaic scenes built from it: a 4-block 64-wide Qwen2.5-VL
 ViT (168 x 168 px, patch 14, window attention with full attention at blocks 1 and 3) whose 2x2 merger sends 36 tokens
-per image to a 3-layer 64-wide Qwen2 language model with M-RoPE, and a word-level tokenizer with Qwen's special
-tokens. Compression defaults to RC. See `training_report.json` for the settings and full-token accuracy.
+per image to a 3-layer 64-wide Qwen2 language model with M-RoPE (heads of 32, rope_theta 10, so that rotary
+positions tell the 6 x 6 grid's rows and columns apart), and a word-level tokenizer with Qwen's special tokens.
+Compression defaults to RC. See `training_report.json` for the settings and full-token accuracy.
 
 Load: `AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)`; the processor files are the stock
 `Qwen2_5_VLProcessor`'s (`AutoProcessor` needs torchvision for its video processor;
