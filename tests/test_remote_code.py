@@ -84,6 +84,7 @@ def test_saved_repo_has_auto_map_and_flat_code(saved_repo: Path):
     package = Path(__file__).resolve().parents[1] / "llava_rc"
     not_model_code = {
         "__init__.py", "__main__.py", "demo.py", "hub_upload.py", "processing_llava_rc.py", "easyvqa.py", "train_easyvqa.py",
+        "train_qwen_easyvqa.py",
         "lmms_eval_model.py", "vllm_plugin.py", "vllm_model.py",
     }
     other_families = {"configuration_qwen_vl_rc.py", "modeling_qwen_vl_rc.py"}  # in Qwen repos (test_qwen_remote_code)

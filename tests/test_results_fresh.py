@@ -21,7 +21,7 @@ import bench_common  # noqa: E402  (benchmarks/bench_common.py)
 from regenerate import LEGACY_COMMANDS  # noqa: E402  (benchmarks/regenerate.py)
 
 # The scripts whose results become docs tables (each has ``committed_sections()``: marker -> lines).
-TABLE_SCRIPTS = ["accuracy", "latency", "rc_step", "latency_onevision", "vllm_serving", "step_share"]
+TABLE_SCRIPTS = ["accuracy", "accuracy_qwen", "latency", "rc_step", "latency_onevision", "vllm_serving", "step_share"]
 RESULTS = bench_common.current_results()
 
 
