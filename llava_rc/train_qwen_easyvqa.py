@@ -492,6 +492,12 @@ easy-VQA by Victor Zhou (https://github.com/vzhou842/easy-VQA), MIT licence (`LI
 """
 
 
+# The arguments stage 1 depends on: a --stage1-cache made with others is refused (its features would belong to other
+# scenes or another tower). The thread count is recorded (it changes the rounding), not compared: the shipped model
+# ran stage 1 on two threads and stage 2 on one.
+STAGE1_SETTINGS = ("seed", "train_mosaics", "vit_steps", "vit_batch_size", "autocast")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -510,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lm-seeds", type=int, nargs="*", default=None, help="stage-2 seeds to try (default: seed, seed + 1, ...)")
     parser.add_argument(
         "--stage1-cache", type=Path, default=None,
-        help="a file for the trained ViT and its features: written after stage 1, read instead of running it",
+        help="a file for the trained ViT and its features: written after stage 1, read instead of running it (refused when made with other stage-1 settings)",
     )
     parser.add_argument("--stage1-only", action="store_true", help="stop after writing --stage1-cache")
     parser.add_argument("--lm-attempts", type=int, default=2)
@@ -526,6 +532,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.refresh_code:
         refresh_code(args.output_dir)
         return
+    if args.stage1_only and args.stage1_cache is None:
+        parser.error("--stage1-only needs --stage1-cache (the file stage 1 is written to)")
+    stage1_settings = {name: getattr(args, name) for name in STAGE1_SETTINGS}
+    cached = None
+    if args.stage1_cache is not None and args.stage1_cache.exists():
+        cached = torch.load(args.stage1_cache)
+        if cached.get("settings") != stage1_settings:
+            raise ValueError(
+                f"--stage1-cache {args.stage1_cache} holds stage 1 of {cached.get('settings')}, this run asks for "
+                f"{stage1_settings}; delete the file or pass the settings it was made with"
+            )
+        if args.stage1_only:
+            logger.warning(f"stage 1 is already in {args.stage1_cache}")
+            return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -539,17 +559,15 @@ def main(argv: list[str] | None = None) -> None:
     singles = easyvqa.single_scenes("train")
     mosaics = easyvqa.mosaic_scenes("train", args.train_mosaics, args.seed)
     scenes = singles + mosaics
-    frames = scene_pixels(processor, scenes)
-    targets = patch_targets(scenes)
-    timings["pixels_s"] = time.perf_counter() - started
-
     config = model_config(processor.tokenizer, hidden_size=args.lm_hidden_size, heads=args.lm_heads, rope_theta=args.rope_theta)
-    if args.stage1_cache is not None and args.stage1_cache.exists():
-        cached = torch.load(args.stage1_cache)
+    if cached is not None:
         tower_state, features, vit_report = cached["tower_state"], cached["features"], cached["vit_report"]
         timings.update(cached["timings"])
         logger.warning(f"stage 1 read from {args.stage1_cache}")
     else:
+        frames = scene_pixels(processor, scenes)
+        targets = patch_targets(scenes)
+        timings["pixels_s"] = time.perf_counter() - started
         torch.manual_seed(args.seed)
         tower = Qwen2_5_VLRCForConditionalGeneration(config).model.visual
         stage = time.perf_counter()
@@ -559,17 +577,18 @@ def main(argv: list[str] | None = None) -> None:
         features = tower_features(tower, frames)
         timings["features_s"] = time.perf_counter() - stage
         tower_state = {name: value for name, value in tower.state_dict().items() if not name.startswith("merger.")}
+        del frames
         if args.stage1_cache is not None:
-            stage1 = {"tower_state": tower_state, "features": features, "vit_report": vit_report, "timings": dict(timings)}
+            stage1 = {"tower_state": tower_state, "features": features, "vit_report": vit_report,
+                      "timings": dict(timings), "settings": stage1_settings, "threads": torch.get_num_threads()}
             torch.save(stage1, args.stage1_cache)
         if args.stage1_only:
             return
-    del frames
 
     stage = time.perf_counter()
     probe_scenes = mosaics[:100]
     probe_examples = [e for scene in probe_scenes for e in scene.examples if e.kind in POSITION_KINDS]
-    probe = easyvqa.prepare_batches(build_processor(words), probe_scenes, probe_examples, prompt=PROMPT)
+    probe = easyvqa.prepare_batches(processor, probe_scenes, probe_examples, prompt=PROMPT)
     attempts = []
     seeds = args.lm_seeds or [args.seed + attempt for attempt in range(args.lm_attempts)]
     for attempt, seed in enumerate(seeds):
@@ -602,6 +621,8 @@ def main(argv: list[str] | None = None) -> None:
     (output_dir / "README.md").write_text(MODEL_CARD)
     timings["total_s"] = time.perf_counter() - started
     report = {
+        "stage1_settings": stage1_settings,
+        "stage1_threads": cached["threads"] if cached is not None else torch.get_num_threads(),
         "vit": vit_report,
         "stage2_attempts": attempts,
         "timings": timings,

@@ -223,3 +223,29 @@ def test_shipped_model_runs_from_its_own_code_in_a_fresh_process(tmp_path, shipp
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules.") and report["kept"] == [9]
     assert processor.tokenizer.convert_ids_to_tokens(report["answer"]) in easyvqa.COLORS
+
+
+# ---- the command line's stage-1 cache ----------------------------------------------------------------------------
+def test_stage1_only_needs_a_cache_file(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_qwen_easyvqa.main(["--output-dir", str(tmp_path / "out"), "--stage1-only"])
+    assert "--stage1-only needs --stage1-cache" in capsys.readouterr().err
+
+
+def test_a_stage1_cache_of_other_settings_is_refused_before_any_work(tmp_path, monkeypatch):
+    cache = tmp_path / "stage1.pt"
+    made_with = {"seed": 0, "train_mosaics": 6000, "vit_steps": 400, "vit_batch_size": 32, "autocast": "none"}
+    torch.save({"settings": made_with, "threads": 1}, cache)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was loaded before the cache was checked")
+
+    monkeypatch.setattr(easyvqa, "single_scenes", no_work)
+    for stage1_only in ([], ["--stage1-only"]):
+        with pytest.raises(ValueError, match=r"holds stage 1 of .*'vit_steps': 400.*asks for .*'vit_steps': 800"):
+            train_qwen_easyvqa.main(["--output-dir", str(tmp_path / "out"), "--stage1-cache", str(cache), *stage1_only])
+    # The settings it was made with: --stage1-only has nothing left to do.
+    train_qwen_easyvqa.main(
+        ["--output-dir", str(tmp_path / "out"), "--stage1-cache", str(cache), "--vit-steps", "400", "--stage1-only"]
+    )
+    assert not (tmp_path / "out").exists()
