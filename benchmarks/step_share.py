@@ -41,7 +41,7 @@ DEFAULT_GEOMETRIES = ("cpu-small", "cpu-next-small")
 
 def replayed_tower(model, call):
     """A function running ``call`` (a ``compress_inputs`` call) with ``model._encode_images`` answered from the
-    first run's result, so that from the second run on the vision tower is not run."""
+    first run's result, so that from the second run on the vision tower is not run; ``.encoded`` holds that result."""
     original = model._encode_images
     cached = []
 
@@ -57,6 +57,7 @@ def replayed_tower(model, call):
         finally:
             del model._encode_images
 
+    run.encoded = cached
     return run
 
 
@@ -74,6 +75,9 @@ def measure_geometry(name: str, variants: list[str] | None, repeats: int, device
     unknown = sorted(set(chosen) - set(available))
     if unknown:
         raise SystemExit(f"--variants {unknown} are not variants of {name}; expected some of {list(available)}")
+    uncompressed = [variant for variant in chosen if available[variant] is None]
+    if uncompressed:
+        raise SystemExit(f"--variants {uncompressed} compress nothing (stock is always timed); expected compressing ones")
     load_start = os.getloadavg()
     stock, rc = latency.build_models(spec, device, torch.float32)
     inputs = latency.make_inputs(spec, 1, device, torch.float32, seed=1)
@@ -96,8 +100,7 @@ def measure_geometry(name: str, variants: list[str] | None, repeats: int, device
         functions[f"{variant} ttft"] = partial(latency.run_generate, rc, available[variant], inputs, 1, device)
         functions[f"{variant} step"] = step
         if projector_input is None:
-            encoded = rc._encode_images(inputs["input_ids"], inputs["pixel_values"], settings,
-                                        image_sizes=inputs.get("image_sizes"))
+            encoded = step.encoded[0]
             states = encoded.state["hidden_states"]
             projector_input = states[encoded.state["feature_layer"]][:, rc._num_prefix_tokens():]  # (P, N, C)
     functions["projector"] = lambda: rc.model.multi_modal_projector(projector_input)
